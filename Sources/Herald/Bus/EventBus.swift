@@ -1,0 +1,569 @@
+import Logging
+import Metrics
+import ServiceLifecycle
+import Synchronization
+
+/// The in-process event bus: handlers subscribe by type, prefix or to everything; `publish` runs them and waits;
+/// `post` queues the event for the bus's dispatch strategy and returns once it is accepted.
+///
+/// Linked to an `EventTransport`, the same bus publishes to the transport instead, and runs its local handlers
+/// for the events the transport delivers to it (as consumer group `source`), acknowledging each delivery after
+/// its handlers succeed, so the same service code runs in process or across processes.
+///
+/// Failures never stop other handlers: they are reported in `PublishResult`, logged, counted in metrics
+/// (`herald_handler_failures_total`), and sent to the dead-letter sink.
+public final class EventBus: Sendable, Service {
+    /// How a bus is set up.
+    public struct Configuration: Sendable {
+        /// The producer name stamped as `source` on published events; also the service name for addressed events
+        /// and the consumer group on a transport.
+        public var source: String
+        /// The strategy for posted events (default: FIFO with two workers).
+        public var strategy: DispatchStrategy
+        /// How many posted events may wait in a queue (per strategy) before back-pressure applies.
+        public var queueCapacity: Int
+        public var backPressure: BackPressure
+        /// Middleware around every handler, outermost first; a subscription's own middleware runs inside these.
+        public var middleware: [any EventMiddleware]
+        /// Where failed events go; an in-memory sink when not set.
+        public var deadLetters: any DeadLetterSink
+        public var logger: Logger
+        /// The transport and topic this bus is linked to, if any.
+        public var transport: TransportLink?
+
+        public init(
+            source: String = "herald",
+            strategy: DispatchStrategy = .fifo(workers: 2),
+            queueCapacity: Int = 65_536,
+            backPressure: BackPressure = .suspend,
+            middleware: [any EventMiddleware] = [],
+            deadLetters: any DeadLetterSink = InMemoryDeadLetters(),
+            logger: Logger = Logger(label: "herald.bus"),
+            transport: TransportLink? = nil
+        ) {
+            self.source = source
+            self.strategy = strategy
+            self.queueCapacity = queueCapacity
+            self.backPressure = backPressure
+            self.middleware = middleware
+            self.deadLetters = deadLetters
+            self.logger = logger
+            self.transport = transport
+        }
+    }
+
+    struct Route: Sendable {
+        /// Handlers without a strategy of their own, in run order.
+        var shared: [Registration] = []
+        /// Handlers with their own strategy.
+        var own: [Registration] = []
+        var isEmpty: Bool { shared.isEmpty && own.isEmpty }
+    }
+
+    struct State: ~Copyable {
+        var registrations: [Registration] = []
+        var routes: [String: Route] = [:]
+        var nextID: UInt64 = 0
+        /// The bus-wide scheduler for posted events; nil for `.immediate`.
+        var scheduler: (any WorkScheduler)?
+        var inbound: [Task<Void, Never>] = []
+        var closed = false
+    }
+
+    public let configuration: Configuration
+    /// The registry that decodes incoming events; every subscribed event type is registered in it.
+    public let registry = EventRegistry()
+    private let state = Mutex(State())
+    private let published = Counter(label: "herald_events_published_total")
+    private let posted = Counter(label: "herald_events_posted_total")
+
+    public var source: String { configuration.source }
+    var logger: Logger { configuration.logger }
+
+    public init(configuration: Configuration) {
+        self.configuration = configuration
+        let scheduler = makeScheduler(configuration.strategy)
+        state.withLock { $0.scheduler = scheduler }
+    }
+
+    /// A bus with the given producer name and strategy, and defaults for the rest.
+    public convenience init(source: String = "herald", strategy: DispatchStrategy = .fifo(workers: 2)) {
+        self.init(configuration: Configuration(source: source, strategy: strategy))
+    }
+
+    // MARK: Subscribing
+
+    /// Subscribes a closure to one event type.
+    /// - Parameters:
+    ///   - name: the handler's name in results, logs and metrics (default: the type name and a number).
+    ///   - priority: higher runs first; equal priorities run in subscription order.
+    ///   - service: the service this handler belongs to; events addressed (`recipient`) to a service reach only
+    ///     its handlers. Defaults to the bus's `source`.
+    ///   - strategy: a strategy of this subscription's own for posted events, instead of the bus's.
+    ///   - middleware: middleware around this handler only (inside the bus's middleware).
+    @discardableResult
+    public func subscribe<E: Event>(
+        _ type: E.Type,
+        name: String? = nil,
+        priority: Int = 0,
+        service: String? = nil,
+        strategy: DispatchStrategy? = nil,
+        middleware: [any EventMiddleware] = [],
+        handler: @escaping @Sendable (E, EventContext) async throws -> Void
+    ) -> Subscription {
+        registerType(E.self)
+        return register(
+            filter: .type(E.eventType), name: name ?? E.eventType, priority: priority, service: service,
+            strategy: strategy, middleware: middleware
+        ) { event, context in
+            try await handler(try EventBus.typedValue(E.self, of: event), context)
+        }
+    }
+
+    /// Subscribes a handler type to its event type.
+    @discardableResult
+    public func subscribe<H: EventHandler>(
+        _ handler: H,
+        name: String? = nil,
+        priority: Int = 0,
+        service: String? = nil,
+        strategy: DispatchStrategy? = nil,
+        middleware: [any EventMiddleware] = []
+    ) -> Subscription {
+        subscribe(
+            H.HandledEvent.self, name: name ?? String(describing: H.self), priority: priority, service: service,
+            strategy: strategy, middleware: middleware
+        ) { event, context in
+            try await handler.handle(event, context: context)
+        }
+    }
+
+    /// Subscribes a closure to raw envelopes: one type name, a type-name prefix, or every event.
+    @discardableResult
+    public func subscribe(
+        _ filter: SubscriptionFilter,
+        name: String? = nil,
+        priority: Int = 0,
+        service: String? = nil,
+        strategy: DispatchStrategy? = nil,
+        middleware: [any EventMiddleware] = [],
+        handler: @escaping @Sendable (CloudEvent, EventContext) async throws -> Void
+    ) -> Subscription {
+        register(
+            filter: filter, name: name ?? filter.description, priority: priority, service: service,
+            strategy: strategy, middleware: middleware, body: handler)
+    }
+
+    private func registerType<E: Event>(_ type: E.Type) {
+        do {
+            try registry.register(E.self)
+        } catch {
+            logger.error("event type name conflict", metadata: ["error": "\(error)"])
+        }
+    }
+
+    private func register(
+        filter: SubscriptionFilter, name: String, priority: Int, service: String?, strategy: DispatchStrategy?,
+        middleware: [any EventMiddleware], body: @escaping Registration.Body
+    ) -> Subscription {
+        let chain = configuration.middleware + middleware
+        let composed = chain.reversed().reduce(body) { next, stage in
+            { event, context in try await stage.handle(event, context: context, next: next) }
+        }
+        let scheduler = strategy.flatMap { makeScheduler($0) }
+        let registration = state.withLock { state -> Registration in
+            state.nextID += 1
+            let registration = Registration(
+                id: state.nextID, name: name, filter: filter, priority: priority, service: service ?? source,
+                body: composed, scheduler: scheduler)
+            state.registrations.append(registration)
+            state.registrations.sort(by: Registration.runsBefore)
+            state.routes.removeAll(keepingCapacity: true)
+            return registration
+        }
+        return Subscription(registration: registration, bus: self)
+    }
+
+    func unsubscribe(_ registration: Registration) {
+        guard !registration.cancelled.exchange(true, ordering: .relaxed) else { return }
+        state.withLock { state in
+            state.registrations.removeAll { $0 === registration }
+            state.routes.removeAll(keepingCapacity: true)
+        }
+    }
+
+    /// The handlers for a type name, in run order (cached until the next subscription change).
+    private func route(for type: String) -> (Route, (any WorkScheduler)?) {
+        state.withLock { state in
+            if let route = state.routes[type] { return (route, state.scheduler) }
+            var route = Route()
+            for registration in state.registrations where registration.filter.matches(type) {
+                if registration.scheduler == nil {
+                    route.shared.append(registration)
+                } else {
+                    route.own.append(registration)
+                }
+            }
+            state.routes[type] = route
+            return (route, state.scheduler)
+        }
+    }
+
+    static func typedValue<E: Event>(_ type: E.Type, of event: CloudEvent) throws -> E {
+        switch event.data {
+        case .value(let value as E):
+            return value
+        case .bytes(let bytes):
+            do {
+                return try EventCoding.decode(E.self, from: bytes)
+            } catch {
+                throw CloudEventError(
+                    .invalidData, attribute: "data", "data of '\(event.type)' does not decode as \(E.self): \(error)")
+            }
+        case .value(let other):
+            throw CloudEventError(
+                .typeMismatch, attribute: "type", "'\(event.type)' carries \(Swift.type(of: other)), not \(E.self)")
+        case .none:
+            throw CloudEventError(.invalidData, attribute: "data", "'\(event.type)' has no data")
+        }
+    }
+
+    // MARK: Publishing
+
+    /// Publishes a typed event and waits until every matching handler has finished (or, when linked to a
+    /// transport, until the transport acknowledged it).
+    @discardableResult
+    public func publish<E: Event>(_ event: E, _ attributes: EventAttributes = EventAttributes()) async throws
+        -> PublishResult
+    {
+        try await publish(CloudEvent(event, source: source, attributes: attributes))
+    }
+
+    /// Publishes an envelope and waits until every matching handler has finished (or, when linked to a
+    /// transport, until the transport acknowledged it).
+    /// - Throws: `EventBusError.shutDown` after shutdown; the transport's error when linked.
+    @discardableResult
+    public func publish(_ event: CloudEvent) async throws -> PublishResult {
+        published.increment()
+        if let link = configuration.transport {
+            let acks = try await link.transport.publish([event], to: link.topic)
+            return PublishResult(eventID: event.id, ran: [], failures: [], acknowledgement: acks.first)
+        }
+        return await dispatchLocally(event)
+    }
+
+    /// Runs the local handlers for an event and waits for all of them.
+    func dispatchLocally(_ event: CloudEvent, deadLetterOnFailure: Bool = true) async -> PublishResult {
+        let (route, _) = route(for: event.type)
+        if route.isEmpty { return PublishResult(eventID: event.id, ran: [], failures: [], acknowledgement: nil) }
+        var outcome = await runHandlers(route.shared, for: event, deadLetterOnFailure: deadLetterOnFailure)
+        var ran = outcome.ran == route.shared.count ? route.shared : route.shared.filter { $0.accepts(event) }
+        if !route.own.isEmpty {
+            let own = route.own.filter { $0.accepts(event) && !$0.isCancelled }
+            let waiter = CompletionWaiter(count: own.count)
+            for registration in own {
+                let item = WorkItem(
+                    event: event, handlers: [registration], priority: 0, completion: waiter, acceptedAt: 0,
+                    deadLetterOnFailure: deadLetterOnFailure)
+                do {
+                    try await registration.scheduler!.enqueue(item)
+                } catch {
+                    waiter.completed(HandlerRunOutcome(
+                        failures: [HandlerFailure(handler: registration.name, error: error, attempts: 0)], ran: 1))
+                }
+            }
+            let ownOutcome = await waiter.wait()
+            outcome.failures += ownOutcome.failures
+            ran += own
+        }
+        return PublishResult(eventID: event.id, ran: ran, failures: outcome.failures, acknowledgement: nil)
+    }
+
+    /// Posts a typed event: returns once it is accepted by the strategy's queue (or, linked, by the transport).
+    /// - Throws: `EventBusError.queueFull` when the queue is full and back-pressure is `.reject`;
+    ///   `EventBusError.shutDown` after shutdown.
+    public func post<E: Event>(_ event: E, _ attributes: EventAttributes = EventAttributes()) async throws {
+        try await post(CloudEvent(event, source: source, attributes: attributes), priority: attributes.priority)
+    }
+
+    /// Posts an envelope; see `post(_:_:)`.
+    public func post(_ event: CloudEvent, priority: Int = 0) async throws {
+        posted.increment()
+        if let link = configuration.transport {
+            _ = try await link.transport.publish([event], to: link.topic)
+            return
+        }
+        try await schedule(event, priority: priority, completion: nil, deadLetterOnFailure: true)
+    }
+
+    /// Hands an event to the strategies of its handlers; `completion` hears once when all of them ran.
+    func schedule(
+        _ event: CloudEvent, priority: Int, completion: (any WorkCompletion)?, deadLetterOnFailure: Bool
+    ) async throws(EventBusError) {
+        let (route, scheduler) = route(for: event.type)
+        if state.withLock({ $0.closed }) {
+            throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
+        }
+        let own = route.own.isEmpty ? [] : route.own.filter { $0.accepts(event) && !$0.isCancelled }
+        let parts = (route.shared.isEmpty ? 0 : 1) + own.count
+        if parts == 0 {
+            completion?.completed(HandlerRunOutcome(failures: [], ran: 0))
+            return
+        }
+        let target: (any WorkCompletion)? = parts == 1 ? completion : completion.map { SplitCompletion(parts, $0) }
+        if !route.shared.isEmpty {
+            if let scheduler {
+                try await scheduler.enqueue(
+                    WorkItem(
+                        event: event, handlers: route.shared, priority: priority, completion: target, acceptedAt: 0,
+                        deadLetterOnFailure: deadLetterOnFailure))
+            } else {
+                let outcome = await runHandlers(route.shared, for: event, deadLetterOnFailure: deadLetterOnFailure)
+                target?.completed(outcome)
+            }
+        }
+        for registration in own {
+            try await registration.scheduler!.enqueue(
+                WorkItem(
+                    event: event, handlers: [registration], priority: priority, completion: target, acceptedAt: 0,
+                    deadLetterOnFailure: deadLetterOnFailure))
+        }
+    }
+
+    // MARK: Running handlers
+
+    /// Runs handlers in order for one event; a failure is recorded and the next handler still runs.
+    func runHandlers(_ handlers: [Registration], for event: CloudEvent, deadLetterOnFailure: Bool) async
+        -> HandlerRunOutcome
+    {
+        var outcome = HandlerRunOutcome(failures: [], ran: 0)
+        for registration in handlers where !registration.isCancelled && registration.accepts(event) {
+            outcome.ran += 1
+            do {
+                try await registration.body(event, EventContext(event: event, bus: self, handler: registration.name))
+            } catch {
+                outcome.failures.append(
+                    await recordFailure(error, of: registration.name, event: event, deadLetter: deadLetterOnFailure))
+                registration.failures.increment()
+            }
+        }
+        return outcome
+    }
+
+    func recordFailure(_ error: any Error, of handler: String, event: CloudEvent, deadLetter: Bool) async
+        -> HandlerFailure
+    {
+        var attempts = 1
+        var cause = error
+        if let exhausted = error as? RetriesExhausted {
+            attempts = exhausted.attempts
+            cause = exhausted.lastError
+        }
+        logger.error(
+            "handler failed",
+            metadata: [
+                "handler": "\(handler)", "event.type": "\(event.type)", "event.id": "\(event.id)",
+                "attempts": "\(attempts)", "error": "\(cause)",
+            ])
+        if deadLetter {
+            await configuration.deadLetters.deadLetter(
+                DeadLetter(event: event, handler: handler, reason: "\(cause)", attempts: attempts))
+        }
+        return HandlerFailure(handler: handler, error: cause, attempts: attempts)
+    }
+
+    private func makeScheduler(_ strategy: DispatchStrategy) -> (any WorkScheduler)? {
+        let capacity = configuration.queueCapacity
+        let backPressure = configuration.backPressure
+        let run: WorkerPool<FIFOPolicy>.Runner = { [weak self] item, deadLetter in
+            guard let self else { return true }
+            let outcome = await self.runHandlers(
+                item.handlers, for: item.event, deadLetterOnFailure: deadLetter && item.deadLetterOnFailure)
+            item.completion?.completed(outcome)
+            return !outcome.failures.isEmpty
+        }
+        let onLate: @Sendable (WorkItem) async -> Void = { [weak self] item in
+            guard let self else { return }
+            self.logger.warning("late event dead-lettered", metadata: ["event.id": "\(item.event.id)"])
+            await self.configuration.deadLetters.deadLetter(
+                DeadLetter(event: item.event, handler: "event-time", reason: "late: older than the watermark", attempts: 0))
+            item.completion?.completed(HandlerRunOutcome(
+                failures: [HandlerFailure(handler: "event-time", error: LateEventError(), attempts: 0)], ran: 0))
+        }
+        let onDiscard: @Sendable (WorkItem, String) async -> Void = { [weak self] item, reason in
+            guard let self else { return }
+            for handler in item.handlers {
+                await self.configuration.deadLetters.deadLetter(
+                    DeadLetter(event: item.event, handler: handler.name, reason: reason, attempts: 1))
+            }
+        }
+        func pool<P: SchedulingPolicy>(_ policy: P) -> any WorkScheduler {
+            WorkerPool(
+                policy: policy, capacity: capacity, backPressure: backPressure, run: run, onLate: onLate,
+                onDiscard: onDiscard)
+        }
+        switch strategy {
+        case .immediate: return nil
+        case .fifo(let workers): return pool(FIFOPolicy(workers: workers))
+        case .sequential: return pool(FIFOPolicy(workers: 1))
+        case .priority(let workers): return pool(PriorityPolicy(workers: workers))
+        case .eventTime(let lateness, let maxHold, let latePolicy):
+            return pool(EventTimePolicy(lateness: lateness, maxHold: maxHold, latePolicy: latePolicy))
+        case .partitioned(let lanes, let park): return pool(PartitionedPolicy(lanes: lanes, parkFailingKeys: park))
+        case .leastLoaded(let workers): return pool(LeastLoadedPolicy(workers: workers))
+        }
+    }
+
+    // MARK: Partition parking (bus strategy)
+
+    /// For a partitioned bus with parking: the parked keys and how many events each holds.
+    public var parkedKeys: [String: Int] { state.withLock { $0.scheduler }?.parkedKeys ?? [:] }
+
+    /// Unparks a key: the failed event runs again, then the held ones, in order.
+    public func resume(partitionKey: String) { state.withLock { $0.scheduler }?.resume(key: partitionKey) }
+
+    /// Unparks a key and dead-letters its held events.
+    public func discard(partitionKey: String) async {
+        await state.withLock { $0.scheduler }?.discard(key: partitionKey)
+    }
+
+    // MARK: Lifecycle
+
+    /// Waits until every accepted event has been handled, including events that handlers post meanwhile.
+    public func drain() async {
+        while true {
+            let (scheduler, own) = state.withLock { state in
+                (state.scheduler, state.registrations.compactMap(\.scheduler))
+            }
+            var waited = false
+            if let scheduler { waited = await scheduler.drain() || waited }
+            for scheduler in own { waited = await scheduler.drain() || waited }
+            if !waited { return }
+        }
+    }
+
+    /// Starts consuming from the linked transport (no-op without one).
+    public func start() async throws {
+        guard let link = configuration.transport else { return }
+        let deliveries = try await link.transport.subscribe(
+            topic: link.topic, group: link.group ?? source, options: link.options)
+        let task = Task { [weak self] in
+            do {
+                for try await delivery in deliveries {
+                    guard let self else { return }
+                    await self.accept(delivery, link: link)
+                }
+            } catch {
+                self?.logger.error("transport subscription ended", metadata: ["error": "\(error)"])
+            }
+        }
+        state.withLock { $0.inbound.append(task) }
+    }
+
+    /// Hands one transport delivery to the local handlers; acks after they all succeed, nacks otherwise.
+    private func accept(_ delivery: Delivery, link: TransportLink) async {
+        var event = delivery.event
+        do {
+            event = try registry.decode(event).envelope
+        } catch {
+            logger.error("undecodable event terminated", metadata: ["event.id": "\(event.id)", "error": "\(error)"])
+            try? await delivery.terminate(reason: "\(error)")
+            return
+        }
+        let completion = DeliveryCompletion(delivery: delivery, backoff: link.redeliveryBackoff, logger: logger)
+        do {
+            try await schedule(event, priority: 0, completion: completion, deadLetterOnFailure: false)
+        } catch {
+            // Not accepted (shutting down): let the transport redeliver it.
+            try? await delivery.nack(delay: .zero)
+        }
+    }
+
+    /// Stops accepting events, finishes everything accepted, stops the workers. Parked events are dead-lettered.
+    public func shutdown() async {
+        let inbound = state.withLock { state -> [Task<Void, Never>] in
+            state.closed = true
+            defer { state.inbound.removeAll() }
+            return state.inbound
+        }
+        for task in inbound { task.cancel() }
+        await drain()
+        let (scheduler, own) = state.withLock { state in
+            (state.scheduler, state.registrations.compactMap(\.scheduler))
+        }
+        await scheduler?.shutdown()
+        for scheduler in own { await scheduler.shutdown() }
+    }
+
+    /// Runs as a `Service`: starts the transport link, waits for graceful shutdown, then drains and stops.
+    public func run() async throws {
+        try await start()
+        try? await gracefulShutdown()
+        await shutdown()
+    }
+}
+
+/// The event-time strategy refused an event older than one it already released.
+public struct LateEventError: Error, Sendable, CustomStringConvertible {
+    public var description: String { "event arrived after the watermark had passed its time" }
+}
+
+/// Waits for a known number of work items.
+final class CompletionWaiter: WorkCompletion {
+    struct State {
+        var remaining: Int
+        var failures: [HandlerFailure] = []
+        var ran = 0
+        var continuation: CheckedContinuation<HandlerRunOutcome, Never>?
+    }
+
+    private let state: Mutex<State>
+
+    init(count: Int) {
+        state = Mutex(State(remaining: count))
+    }
+
+    func completed(_ outcome: HandlerRunOutcome) {
+        let finished = state.withLock { state -> (CheckedContinuation<HandlerRunOutcome, Never>, HandlerRunOutcome)? in
+            state.remaining -= 1
+            state.failures += outcome.failures
+            state.ran += outcome.ran
+            guard state.remaining == 0, let continuation = state.continuation else { return nil }
+            state.continuation = nil
+            return (continuation, HandlerRunOutcome(failures: state.failures, ran: state.ran))
+        }
+        if let (continuation, outcome) = finished { continuation.resume(returning: outcome) }
+    }
+
+    func wait() async -> HandlerRunOutcome {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLock { state -> HandlerRunOutcome? in
+                if state.remaining <= 0 { return HandlerRunOutcome(failures: state.failures, ran: state.ran) }
+                state.continuation = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+}
+
+/// Joins the outcomes of several parts into one completion.
+final class SplitCompletion: WorkCompletion {
+    private let state: Mutex<(remaining: Int, outcome: HandlerRunOutcome)>
+    private let target: any WorkCompletion
+
+    init(_ parts: Int, _ target: any WorkCompletion) {
+        self.state = Mutex((parts, HandlerRunOutcome(failures: [], ran: 0)))
+        self.target = target
+    }
+
+    func completed(_ outcome: HandlerRunOutcome) {
+        let done = state.withLock { state -> HandlerRunOutcome? in
+            state.remaining -= 1
+            state.outcome.failures += outcome.failures
+            state.outcome.ran += outcome.ran
+            return state.remaining == 0 ? state.outcome : nil
+        }
+        if let done { target.completed(done) }
+    }
+}

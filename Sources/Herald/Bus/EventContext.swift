@@ -1,0 +1,61 @@
+import Instrumentation
+import ServiceContextModule
+import Tracing
+
+/// What a handler knows about the event it handles, and how it publishes responses.
+///
+/// Events published through the context are stamped with `causationid` = the handled event's id and carry its
+/// `correlationid` forward (the handled event's id when it had none), and the current trace context.
+public struct EventContext: Sendable {
+    /// The envelope of the event being handled.
+    public let event: CloudEvent
+    /// The bus the handler is registered on.
+    public let bus: EventBus
+    /// The handler's name.
+    public let handler: String
+
+    /// Publishes a response event and waits for its handlers (or the transport's acknowledgement).
+    @discardableResult
+    public func publish<E: Event>(_ response: E, _ attributes: EventAttributes = EventAttributes()) async throws
+        -> PublishResult
+    {
+        try await bus.publish(self.response(response, attributes))
+    }
+
+    /// Posts a response event: returns once it is accepted.
+    public func post<E: Event>(_ response: E, _ attributes: EventAttributes = EventAttributes()) async throws {
+        try await bus.post(self.response(response, attributes), priority: attributes.priority)
+    }
+
+    /// The envelope of a response, stamped with causation, correlation and trace context.
+    public func response<E: Event>(_ response: E, _ attributes: EventAttributes = EventAttributes()) -> CloudEvent {
+        var attributes = attributes
+        attributes.causationID = attributes.causationID ?? event.id.description
+        attributes.correlationID = attributes.correlationID ?? event.correlationid ?? event.id.description
+        var envelope = CloudEvent(response, source: bus.source, attributes: attributes)
+        if let current = ServiceContext.current {
+            InstrumentationSystem.instrument.inject(current, into: &envelope, using: CloudEventTraceInjector())
+        }
+        if envelope.traceparent == nil, let parent = event.traceparent {
+            envelope.traceparent = parent
+            envelope.tracestate = event.tracestate
+        }
+        return envelope
+    }
+}
+
+/// Writes trace headers (`traceparent`, `tracestate`) into an envelope's extensions.
+public struct CloudEventTraceInjector: Injector {
+    public init() {}
+    public func inject(_ value: String, forKey key: String, into carrier: inout CloudEvent) {
+        try? carrier.setExtension(key.lowercased(), .string(value))
+    }
+}
+
+/// Reads trace headers from an envelope's extensions.
+public struct CloudEventTraceExtractor: Extractor {
+    public init() {}
+    public func extract(key: String, from carrier: CloudEvent) -> String? {
+        carrier[extension: key.lowercased()]?.description
+    }
+}

@@ -1,0 +1,279 @@
+import DequeModule
+import Synchronization
+
+/// The scheduling engine every queued strategy shares: a lock-protected `SchedulingPolicy`, bounded capacity
+/// with explicit back-pressure, N worker tasks that take items in batches (one lock round-trip per batch, not
+/// per event), drain, and shutdown.
+protocol WorkScheduler: Sendable {
+    func enqueue(_ item: WorkItem) async throws(EventBusError)
+    func drain() async -> Bool
+    func shutdown() async
+    var parkedKeys: [String: Int] { get }
+    func resume(key: String)
+    func discard(key: String) async
+}
+
+final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
+    typealias Runner = @Sendable (_ item: WorkItem, _ deadLetterOnFailure: Bool) async -> Bool
+
+    struct State: ~Copyable {
+        var policy: Policy
+        var waiting: [CheckedContinuation<Void, Never>?]
+        var workers: [Task<Void, Never>] = []
+        /// Accepted and not finished; parked items excluded.
+        var outstanding = 0
+        var sequence: UInt64 = 0
+        var drainWaiters: [CheckedContinuation<Void, Never>] = []
+        var spaceWaiters = Deque<CheckedContinuation<Void, Never>>()
+        var closed = false
+    }
+
+    private let state: Mutex<State>
+    private let capacity: Int
+    private let backPressure: BackPressure
+    private let batchSize: Int
+    private let run: Runner
+    private let onLate: @Sendable (WorkItem) async -> Void
+    private let onDiscard: @Sendable (WorkItem, String) async -> Void
+    private let parks: Bool
+
+    init(
+        policy: Policy,
+        capacity: Int,
+        backPressure: BackPressure,
+        batchSize: Int = 128,
+        run: @escaping Runner,
+        onLate: @escaping @Sendable (WorkItem) async -> Void,
+        onDiscard: @escaping @Sendable (WorkItem, String) async -> Void
+    ) {
+        self.state = Mutex(State(policy: policy, waiting: Array(repeating: nil, count: policy.workerCount)))
+        self.capacity = max(1, capacity)
+        self.backPressure = backPressure
+        self.batchSize = batchSize
+        self.run = run
+        self.onLate = onLate
+        self.onDiscard = onDiscard
+        self.parks = policy.parksFailures
+    }
+
+    private enum Admission {
+        case accepted(CheckedContinuation<Void, Never>?)
+        case late
+        case full
+        case closed
+    }
+
+    func enqueue(_ item: WorkItem) async throws(EventBusError) {
+        var item = item
+        while true {
+            let admission = state.withLock { state -> Admission in
+                if state.closed { return .closed }
+                if state.policy.queuedCount >= capacity { return .full }
+                startWorkersIfNeeded(&state)
+                state.sequence += 1
+                item.sequence = state.sequence
+                item.acceptedAt = monotonicNanoseconds()
+                let decision = state.policy.enqueue(item, now: item.acceptedAt)
+                switch decision {
+                case .late:
+                    return .late
+                case .parked:
+                    return .accepted(nil)
+                case .wake(let worker):
+                    state.outstanding += 1
+                    let continuation = state.waiting[worker]
+                    state.waiting[worker] = nil
+                    return .accepted(continuation)
+                case .wakeAny:
+                    state.outstanding += 1
+                    for index in state.waiting.indices where state.waiting[index] != nil {
+                        let continuation = state.waiting[index]
+                        state.waiting[index] = nil
+                        return .accepted(continuation)
+                    }
+                    return .accepted(nil)
+                }
+            }
+            switch admission {
+            case .accepted(let continuation):
+                continuation?.resume()
+                return
+            case .late:
+                await onLate(item)
+                return
+            case .closed:
+                throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
+            case .full:
+                if backPressure == .reject {
+                    throw EventBusError(.queueFull, "the queue is full (capacity \(capacity)); retry later")
+                }
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    let resumeNow = state.withLock { state -> Bool in
+                        if state.closed || state.policy.queuedCount < capacity { return true }
+                        state.spaceWaiters.append(continuation)
+                        return false
+                    }
+                    if resumeNow { continuation.resume() }
+                }
+            }
+        }
+    }
+
+    private func startWorkersIfNeeded(_ state: inout State) {
+        guard state.workers.isEmpty else { return }
+        for index in 0..<state.policy.workerCount {
+            state.workers.append(Task { [self] in await self.workerLoop(index) })
+        }
+    }
+
+    private enum Next {
+        case run
+        case wait
+        case sleep(UInt64)
+        case exit
+    }
+
+    private func workerLoop(_ worker: Int) async {
+        var batch: [WorkItem] = []
+        batch.reserveCapacity(batchSize)
+        while true {
+            var freed: [CheckedContinuation<Void, Never>] = []
+            let next = state.withLock { state -> Next in
+                let deadline = state.policy.take(
+                    worker: worker, max: batchSize, now: monotonicNanoseconds(), into: &batch)
+                if !batch.isEmpty {
+                    // Space opened up: let suspended producers retry.
+                    var room = capacity - state.policy.queuedCount
+                    while room > 0, let waiter = state.spaceWaiters.popFirst() {
+                        freed.append(waiter)
+                        room -= 1
+                    }
+                    return .run
+                }
+                if let deadline { return .sleep(deadline) }
+                if state.closed && state.outstanding == 0 { return .exit }
+                return .wait
+            }
+            for waiter in freed { waiter.resume() }
+            switch next {
+            case .exit:
+                return
+            case .sleep(let deadline):
+                let now = monotonicNanoseconds()
+                let pause = deadline > now ? min(deadline - now, 1_000_000) : 0
+                try? await Task.sleep(for: .nanoseconds(Int64(max(pause, 50_000))))
+                continue
+            case .wait:
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    let resumeNow = state.withLock { state -> Bool in
+                        // An enqueue may have raced in between the take and this registration.
+                        if state.closed || state.policy.hasWork(worker: worker) { return true }
+                        state.waiting[worker] = continuation
+                        return false
+                    }
+                    if resumeNow { continuation.resume() }
+                }
+                continue
+            case .run:
+                break
+            }
+            var finished = 0
+            var index = 0
+            var drainWaiters: [CheckedContinuation<Void, Never>] = []
+            while index < batch.count {
+                let item = batch[index]
+                index += 1
+                if parks && state.withLock({ $0.policy.isParked(item) }) {
+                    // An earlier item with this key failed in this batch: hold this one too, in order.
+                    state.withLock { $0.policy.park(item) }
+                    finished += 1
+                    continue
+                }
+                let failed = await run(item, !parks || item.event.partitionkey == nil)
+                if failed && parks && item.event.partitionkey != nil {
+                    state.withLock { $0.policy.park(item) }
+                }
+                finished += 1
+            }
+            batch.removeAll(keepingCapacity: true)
+            state.withLock { state in
+                state.policy.completed(worker: worker, count: finished)
+                state.outstanding -= finished
+                if state.outstanding == 0 {
+                    drainWaiters = state.drainWaiters
+                    state.drainWaiters.removeAll()
+                }
+            }
+            for waiter in drainWaiters { waiter.resume() }
+        }
+    }
+
+    @discardableResult
+    func drain() async -> Bool {
+        state.withLock { $0.policy.flush() }
+        var waited = true
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            var wake: [CheckedContinuation<Void, Never>] = []
+            let done = state.withLock { state -> Bool in
+                if state.outstanding == 0 {
+                    waited = false
+                    return true
+                }
+                state.drainWaiters.append(continuation)
+                for index in state.waiting.indices {
+                    if let waiter = state.waiting[index] { wake.append(waiter) }
+                    state.waiting[index] = nil
+                }
+                return false
+            }
+            for waiter in wake { waiter.resume() }
+            if done { continuation.resume() }
+        }
+        return waited
+    }
+
+    func shutdown() async {
+        let workers = state.withLock { state -> [Task<Void, Never>] in
+            state.closed = true
+            state.policy.flush()
+            return state.workers
+        }
+        await drain()
+        var wake: [CheckedContinuation<Void, Never>] = []
+        state.withLock { state in
+            for index in state.waiting.indices {
+                if let waiter = state.waiting[index] { wake.append(waiter) }
+                state.waiting[index] = nil
+            }
+            wake.append(contentsOf: state.spaceWaiters)
+            state.spaceWaiters.removeAll()
+        }
+        for waiter in wake { waiter.resume() }
+        for worker in workers { await worker.value }
+        // Parked items would otherwise vanish: dead-letter them.
+        for key in parkedKeys.keys { await discard(key: key, reason: "partition key parked at shutdown") }
+    }
+
+    var parkedKeys: [String: Int] { state.withLock { $0.policy.parkedKeys } }
+
+    func resume(key: String) {
+        let continuation = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            let count = state.policy.parkedKeys[key] ?? 0
+            guard let worker = state.policy.resume(key: key) else { return nil }
+            state.outstanding += count
+            let continuation = state.waiting[worker]
+            state.waiting[worker] = nil
+            return continuation
+        }
+        continuation?.resume()
+    }
+
+    func discard(key: String) async {
+        await discard(key: key, reason: "partition key discarded while parked")
+    }
+
+    private func discard(key: String, reason: String) async {
+        let items = state.withLock { $0.policy.discard(key: key) }
+        for item in items { await onDiscard(item, reason) }
+    }
+}
