@@ -183,7 +183,7 @@ extension Duration {
 
 /// Monotonic nanoseconds, for measuring latency and deadlines inside one process.
 @inlinable
-func monotonicNanoseconds() -> UInt64 {
+public func monotonicNanoseconds() -> UInt64 {
     var spec = timespec()
     clock_gettime(CLOCK_MONOTONIC, &spec)
     return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)

@@ -1,0 +1,84 @@
+import ArgumentParser
+import Herald
+import OrderSystem
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct DemoCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "demo",
+        abstract: "Run the order system end to end and check every order's final state.",
+        discussion: "Exits 0 only if every order reached the right final state and every customer was notified once."
+    )
+
+    @Option(help: "Number of orders.") var orders = 1000
+    @Option(help: "Seed that decides which payments fail.") var seed: UInt64 = 42
+    @Option(help: "Percentage of orders whose payment fails.") var failPercent = 10
+    @Option(help: "local (one bus) or memory (one bus per service over the in-memory transport).")
+    var transport: String = "memory"
+    @Option(help: "How many orders' timelines to print.") var timeline = 3
+    @Option(help: "Seconds to wait for every order to finish.") var timeout = 120
+
+    func validate() throws {
+        guard OrderDemo.Topology(rawValue: transport) != nil else {
+            throw ValidationError("--transport must be one of: local, memory")
+        }
+        guard orders > 0 else { throw ValidationError("--orders must be positive") }
+        guard (0...100).contains(failPercent) else { throw ValidationError("--fail-percent must be 0...100") }
+    }
+
+    func run() async throws {
+        let options = OrderDemo.Options(
+            orders: orders, seed: seed, failurePercent: failPercent, topology: OrderDemo.Topology(rawValue: transport)!,
+            timelineOrders: timeline, timeout: .seconds(timeout))
+        print("Herald order demo: \(orders) orders, seed \(seed), \(failPercent)% payment failures, transport \(transport)")
+        let report = try await OrderDemo.run(options)
+        print("")
+        for (orderID, status, entries) in report.timelines {
+            print("\(orderID)  → \(status?.rawValue ?? "unknown")")
+            for entry in entries {
+                let ms = Double(entry.offset) / 1e6
+                print("  +\(format(ms, 3)) ms  \(pad(entry.source, 14)) \(entry.type)")
+            }
+        }
+        print("")
+        print("Summary")
+        for status in OrderStatus.allCases {
+            print("  \(pad(status.rawValue, 10)) \(report.byStatus[status] ?? 0)")
+        }
+        print("  events      \(report.events) in \(format(seconds(report.elapsed), 3)) s = \(Int(report.eventsPerSecond)) events/s")
+        print("  latency     p50 \(format(seconds(report.latencyP50) * 1000, 3)) ms, p99 \(format(seconds(report.latencyP99) * 1000, 3)) ms (order placed → customer notified)")
+        print("  stock       \(report.reservedStockLeft) reserved (expected \(report.expectedReservedStock))")
+        print("  notified    \(orders - report.missingNotifications) of \(orders), \(report.duplicateNotifications) duplicates")
+        if report.passed {
+            print("RESULT: PASS — every order reached the right final state")
+        } else {
+            print("RESULT: FAIL — \(report.wrongOrders.count) orders in a wrong state: \(report.wrongOrders.prefix(10))")
+            throw ExitCode(1)
+        }
+    }
+}
+
+func seconds(_ duration: Duration) -> Double {
+    Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+}
+
+func format(_ value: Double, _ decimals: Int) -> String {
+    var scale = 1.0
+    for _ in 0..<decimals { scale *= 10 }
+    let rounded = (value * scale).rounded() / scale
+    var text = String(rounded)
+    if let dot = text.firstIndex(of: ".") {
+        let fraction = text.distance(from: dot, to: text.endIndex) - 1
+        if fraction < decimals { text += String(repeating: "0", count: decimals - fraction) }
+    } else {
+        text += "." + String(repeating: "0", count: decimals)
+    }
+    return text
+}
+
+func pad(_ text: String, _ width: Int) -> String {
+    text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
+}

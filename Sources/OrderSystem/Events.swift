@@ -1,0 +1,113 @@
+import Herald
+
+// The order system's contract: the only thing its services share. Type names are stable wire names.
+
+/// A customer placed an order; stock is reserved for it.
+public struct OrderCreated: Event, Hashable {
+    public static let eventType = "com.herald.orders.order.created"
+    public var orderID: String
+    public var customer: String
+    public var amountCents: Int
+    public var items: Int
+    public var partitionKey: String? { orderID }
+    public var subject: String? { orderID }
+
+    public init(orderID: String, customer: String, amountCents: Int, items: Int) {
+        self.orderID = orderID
+        self.customer = customer
+        self.amountCents = amountCents
+        self.items = items
+    }
+}
+
+/// The payment for an order went through.
+public struct OrderPaid: Event, Hashable {
+    public static let eventType = "com.herald.orders.order.paid"
+    public var orderID: String
+    public var paymentID: String
+    public var amountCents: Int
+    public var partitionKey: String? { orderID }
+    public var subject: String? { orderID }
+
+    public init(orderID: String, paymentID: String, amountCents: Int) {
+        self.orderID = orderID
+        self.paymentID = paymentID
+        self.amountCents = amountCents
+    }
+}
+
+/// The payment for an order was declined.
+public struct PaymentFailed: Event, Hashable {
+    public static let eventType = "com.herald.orders.payment.failed"
+    public var orderID: String
+    public var reason: String
+    public var partitionKey: String? { orderID }
+    public var subject: String? { orderID }
+
+    public init(orderID: String, reason: String) {
+        self.orderID = orderID
+        self.reason = reason
+    }
+}
+
+/// The order left the warehouse.
+public struct OrderShipped: Event, Hashable {
+    public static let eventType = "com.herald.orders.order.shipped"
+    public var orderID: String
+    public var trackingNumber: String
+    public var partitionKey: String? { orderID }
+    public var subject: String? { orderID }
+
+    public init(orderID: String, trackingNumber: String) {
+        self.orderID = orderID
+        self.trackingNumber = trackingNumber
+    }
+}
+
+/// The order is done: paid and shipped.
+public struct OrderCompleted: Event, Hashable {
+    public static let eventType = "com.herald.orders.order.completed"
+    public var orderID: String
+    public var partitionKey: String? { orderID }
+    public var subject: String? { orderID }
+
+    public init(orderID: String) {
+        self.orderID = orderID
+    }
+}
+
+/// The order was cancelled; its stock reservation is released (compensation).
+public struct OrderCancelled: Event, Hashable {
+    public static let eventType = "com.herald.orders.order.cancelled"
+    public var orderID: String
+    public var reason: String
+    public var partitionKey: String? { orderID }
+    public var subject: String? { orderID }
+
+    public init(orderID: String, reason: String) {
+        self.orderID = orderID
+        self.reason = reason
+    }
+}
+
+/// A command to the payments service (addressed with `recipient`): refund a payment that arrived for an order
+/// that was already cancelled (compensation).
+public struct RefundPayment: Event, Hashable {
+    public static let eventType = "com.herald.orders.payment.refund"
+    public var orderID: String
+    public var paymentID: String
+    public var partitionKey: String? { orderID }
+    public var subject: String? { orderID }
+
+    public init(orderID: String, paymentID: String) {
+        self.orderID = orderID
+        self.paymentID = paymentID
+    }
+}
+
+/// The final state an order can reach.
+public enum OrderStatus: String, Codable, Sendable, CaseIterable {
+    case pending
+    case completed
+    case cancelled
+}

@@ -1,0 +1,198 @@
+import Herald
+import Synchronization
+
+/// Runs the order system end to end and checks that every order ended in the right state.
+public enum OrderDemo {
+    /// How the four services are connected.
+    public enum Topology: String, Sendable, CaseIterable {
+        /// One bus in one process; handlers call each other's events directly.
+        case local
+        /// Four buses (one per service) linked through an in-memory transport, as they would be across processes.
+        case memory
+    }
+
+    public struct Options: Sendable {
+        public var orders: Int
+        public var seed: UInt64
+        /// Percentage of orders whose payment is declined.
+        public var failurePercent: Int
+        public var topology: Topology
+        /// How many orders' timelines to record.
+        public var timelineOrders: Int
+        /// Orders placed concurrently.
+        public var concurrency: Int
+        public var timeout: Duration
+
+        public init(
+            orders: Int = 1000, seed: UInt64 = 42, failurePercent: Int = 10, topology: Topology = .memory,
+            timelineOrders: Int = 3, concurrency: Int = 64, timeout: Duration = .seconds(120)
+        ) {
+            self.orders = orders
+            self.seed = seed
+            self.failurePercent = failurePercent
+            self.topology = topology
+            self.timelineOrders = timelineOrders
+            self.concurrency = concurrency
+            self.timeout = timeout
+        }
+    }
+
+    public struct TimelineEntry: Sendable, Hashable {
+        /// Nanoseconds since the order was placed.
+        public let offset: UInt64
+        public let source: String
+        public let type: String
+    }
+
+    public struct Report: Sendable {
+        public let options: Options
+        public let byStatus: [OrderStatus: Int]
+        /// Orders whose final state or notification is not what their payment outcome calls for.
+        public let wrongOrders: [String]
+        public let missingNotifications: Int
+        public let duplicateNotifications: Int
+        public let reservedStockLeft: Int
+        public let expectedReservedStock: Int
+        public let events: Int
+        public let elapsed: Duration
+        public let latencyP50: Duration
+        public let latencyP99: Duration
+        public let timelines: [(orderID: String, status: OrderStatus?, entries: [TimelineEntry])]
+
+        public var eventsPerSecond: Double {
+            Double(events) / max(1e-9, Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+        }
+
+        /// True only if every order reached the right final state, each customer was notified exactly once, and
+        /// stock reservations match the completed orders.
+        public var passed: Bool {
+            wrongOrders.isEmpty && missingNotifications == 0 && duplicateNotifications == 0
+                && reservedStockLeft == expectedReservedStock
+        }
+    }
+
+    static func orderID(_ index: Int) -> String {
+        let digits = String(index)
+        return "order-" + String(repeating: "0", count: max(0, 5 - digits.count)) + digits
+    }
+
+    public static func run(_ options: Options) async throws -> Report {
+        let gateway = PaymentGateway(seed: options.seed, failurePercent: options.failurePercent)
+        let ids = (1...max(1, options.orders)).map(orderID)
+        let traced = Set(ids.prefix(options.timelineOrders))
+        let placedAt = Locked<[String: UInt64]>([:])
+        let timeline = Locked<[String: [TimelineEntry]]>([:])
+        let eventCount = Locked(0)
+        let notified = Locked(0)
+
+        // The services, on one bus or on four linked through a transport.
+        let transport = InMemoryTransport()
+        func makeBus(_ service: String) -> EventBus {
+            var configuration = EventBus.Configuration(
+                source: service, strategy: .partitioned(lanes: 4, parkFailingKeys: false))
+            if options.topology == .memory {
+                var subscribe = SubscribeOptions(ackWait: .seconds(5), maxDeliveries: 20)
+                subscribe.ordered = true
+                configuration.transport = TransportLink(transport, topic: "orders", options: subscribe)
+            }
+            return EventBus(configuration: configuration)
+        }
+        let shared = makeBus("orders")
+        let buses =
+            options.topology == .local
+            ? [shared]
+            : [shared, makeBus(PaymentsService.name), makeBus(ShippingService.name),
+                makeBus(NotificationsService.name), makeBus("audit")]
+        let auditBus = buses.last!
+        let orders = OrdersService(bus: shared)
+        let payments = PaymentsService(bus: options.topology == .local ? shared : buses[1], gateway: gateway)
+        let shipping = ShippingService(bus: options.topology == .local ? shared : buses[2])
+        let notifications = NotificationsService(bus: options.topology == .local ? shared : buses[3]) { _ in
+            notified.withLock { $0 += 1 }
+        }
+        _ = shipping
+        _ = payments
+        auditBus.subscribe(.all, name: "audit", priority: 100) { event, _ in
+            eventCount.withLock { $0 += 1 }
+            guard let orderID = event.subject, traced.contains(orderID) else { return }
+            let now = monotonicNanoseconds()
+            let start = placedAt.withLock { $0[orderID] } ?? now
+            timeline.withLock {
+                $0[orderID, default: []].append(
+                    TimelineEntry(offset: now &- start, source: event.source, type: event.type))
+            }
+        }
+        for bus in buses { try await bus.start() }
+
+        // Place the orders, a bounded number at a time.
+        let clock = ContinuousClock()
+        let started = clock.now
+        @Sendable func place(_ index: Int) async throws {
+            let id = ids[index]
+            placedAt.withLock { $0[id] = monotonicNanoseconds() }
+            try await orders.place(
+                OrderCreated(
+                    orderID: id, customer: "customer-\(index % 97)", amountCents: 1000 + index % 500,
+                    items: 1 + index % 3))
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            var next = 0
+            while next < min(options.concurrency, ids.count) {
+                let index = next
+                group.addTask { try await place(index) }
+                next += 1
+            }
+            while try await group.next() != nil {
+                guard next < ids.count else { continue }
+                let index = next
+                group.addTask { try await place(index) }
+                next += 1
+            }
+        }
+        // Wait until every customer has heard how their order ended (or the timeout).
+        let deadline = clock.now + options.timeout
+        while notified.withLock({ $0 }) < ids.count && clock.now < deadline {
+            try await Task.sleep(for: .milliseconds(2))
+        }
+        let elapsed = clock.now - started
+        for bus in buses { await bus.drain() }
+        // The audit log may still be catching up with the last events.
+        for bus in buses { await bus.shutdown() }
+        await transport.shutdown()
+
+        // Check every order against its payment outcome.
+        let statuses = orders.statuses
+        let sent = notifications.notifications
+        var byStatus: [OrderStatus: Int] = [:]
+        var wrong: [String] = []
+        var latencies: [UInt64] = []
+        let placed = placedAt.withLock { $0 }
+        for id in ids {
+            let expected: OrderStatus = gateway.declines(id) ? .cancelled : .completed
+            let status = statuses[id] ?? .pending
+            byStatus[status, default: 0] += 1
+            if status != expected || (sent[id].map { $0.status != expected } ?? false) { wrong.append(id) }
+            if let notification = sent[id], let start = placed[id] { latencies.append(notification.sentAt &- start) }
+        }
+        latencies.sort()
+        func percentile(_ p: Double) -> Duration {
+            guard !latencies.isEmpty else { return .zero }
+            return .nanoseconds(Int64(latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]))
+        }
+        let traces = timeline.withLock { $0 }
+        return Report(
+            options: options, byStatus: byStatus, wrongOrders: wrong,
+            missingNotifications: ids.count - sent.count, duplicateNotifications: notifications.duplicateNotifications,
+            reservedStockLeft: orders.reservedStock, expectedReservedStock: byStatus[.completed] ?? 0,
+            events: eventCount.withLock { $0 }, elapsed: elapsed, latencyP50: percentile(0.50),
+            latencyP99: percentile(0.99),
+            timelines: ids.prefix(options.timelineOrders).map { ($0, statuses[$0], traces[$0] ?? []) })
+    }
+}
+
+/// A value behind a lock that closures can share.
+final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<T>(_ body: (inout Value) -> T) -> T { mutex.withLock { body(&$0) } }
+}

@@ -1,0 +1,162 @@
+import Herald
+import Synchronization
+
+/// The orders service: takes orders (reserving stock), runs the order saga, and keeps each order's final state.
+public final class OrdersService: Sendable {
+    public static let name = "orders"
+
+    struct Book {
+        var status: [String: OrderStatus] = [:]
+        var reservedStock = 0
+        var reasons: [String: String] = [:]
+    }
+
+    public let bus: EventBus
+    public let sagas: SagaManager<OrderSaga>
+    private let book = Mutex(Book())
+
+    public init(bus: EventBus, sagaStore: any SagaStore = InMemorySagaStore(), saga: OrderSaga = OrderSaga()) {
+        self.bus = bus
+        self.sagas = SagaManager(saga, store: sagaStore, bus: bus)
+        sagas.start(service: OrdersService.name)
+        let dedup = Deduplicate()
+        bus.subscribe(OrderCompleted.self, name: "orders.completed", middleware: [dedup]) { [self] event, _ in
+            self.book.withLock { $0.status[event.orderID] = .completed }
+        }
+        bus.subscribe(OrderCancelled.self, name: "orders.cancelled", middleware: [dedup]) { [self] event, _ in
+            self.book.withLock { book in
+                // Compensation: release the stock reserved when the order was created, once.
+                if book.status[event.orderID] == .pending { book.reservedStock -= 1 }
+                book.status[event.orderID] = .cancelled
+                book.reasons[event.orderID] = event.reason
+            }
+        }
+    }
+
+    /// Places an order: reserves stock and publishes `OrderCreated`, which starts the order's conversation.
+    public func place(_ order: OrderCreated) async throws {
+        book.withLock { book in
+            book.status[order.orderID] = .pending
+            book.reservedStock += 1
+        }
+        try await bus.publish(order, EventAttributes(correlationID: order.orderID))
+    }
+
+    public func status(of orderID: String) -> OrderStatus? { book.withLock { $0.status[orderID] } }
+    public var statuses: [String: OrderStatus] { book.withLock { $0.status } }
+    /// Stock reserved for orders that are not cancelled.
+    public var reservedStock: Int { book.withLock { $0.reservedStock } }
+    public func cancellationReason(of orderID: String) -> String? { book.withLock { $0.reasons[orderID] } }
+}
+
+/// Decides payments deterministically from a seed, so a run's failures are known in advance.
+public struct PaymentGateway: Sendable {
+    public let seed: UInt64
+    /// Percentage of orders whose payment is declined.
+    public let failurePercent: Int
+
+    public init(seed: UInt64, failurePercent: Int) {
+        self.seed = seed
+        self.failurePercent = failurePercent
+    }
+
+    public func declines(_ orderID: String) -> Bool {
+        var hash = PartitionHash.fnv1a(orderID) ^ (seed &* 0x9E37_79B9_7F4A_7C15)
+        hash ^= hash >> 33
+        hash = hash &* 0xff51_afd7_ed55_8ccd
+        hash ^= hash >> 33
+        return Int(hash % 100) < failurePercent
+    }
+}
+
+/// The payments service: charges each created order, and refunds on request.
+public final class PaymentsService: Sendable {
+    public static let name = "payments"
+    public let bus: EventBus
+    public let gateway: PaymentGateway
+    private let ledger = Mutex<(charged: Set<String>, refunded: Set<String>)>(([], []))
+
+    public init(bus: EventBus, gateway: PaymentGateway) {
+        self.bus = bus
+        self.gateway = gateway
+        // Idempotent consumer: a redelivered OrderCreated must not charge twice.
+        let dedup = Deduplicate()
+        bus.subscribe(OrderCreated.self, name: "payments.charge", middleware: [dedup]) { [self] order, context in
+            if gateway.declines(order.orderID) {
+                try await context.publish(PaymentFailed(orderID: order.orderID, reason: "card declined"))
+            } else {
+                self.ledger.withLock { _ = $0.charged.insert(order.orderID) }
+                try await context.publish(
+                    OrderPaid(orderID: order.orderID, paymentID: "pay-\(order.orderID)", amountCents: order.amountCents))
+            }
+        }
+        bus.subscribe(RefundPayment.self, name: "payments.refund", middleware: [dedup]) { [self] refund, _ in
+            self.ledger.withLock { _ = $0.refunded.insert(refund.orderID) }
+        }
+    }
+
+    public var charged: Set<String> { ledger.withLock { $0.charged } }
+    public var refunded: Set<String> { ledger.withLock { $0.refunded } }
+}
+
+/// The shipping service: ships every paid order.
+public final class ShippingService: Sendable {
+    public static let name = "shipping"
+    public let bus: EventBus
+    private let shipped = Mutex<Set<String>>([])
+
+    public init(bus: EventBus) {
+        self.bus = bus
+        let dedup = Deduplicate()
+        bus.subscribe(OrderPaid.self, name: "shipping.ship", middleware: [dedup]) { [self] paid, context in
+            self.shipped.withLock { _ = $0.insert(paid.orderID) }
+            try await context.publish(OrderShipped(orderID: paid.orderID, trackingNumber: "TRK-\(paid.orderID)"))
+        }
+    }
+
+    public var shippedOrders: Set<String> { shipped.withLock { $0 } }
+}
+
+/// The notifications service: tells the customer how each order ended, once per order.
+public final class NotificationsService: Sendable {
+    public static let name = "notifications"
+
+    public struct Notification: Sendable, Hashable {
+        public let orderID: String
+        public let status: OrderStatus
+        /// Monotonic nanoseconds when it was sent (for end-to-end latency).
+        public let sentAt: UInt64
+    }
+
+    public let bus: EventBus
+    private let sent = Mutex<[String: Notification]>([:])
+    private let duplicates = Mutex(0)
+    private let onNotify: @Sendable (Notification) -> Void
+
+    public init(bus: EventBus, onNotify: @escaping @Sendable (Notification) -> Void = { _ in }) {
+        self.bus = bus
+        self.onNotify = onNotify
+        let dedup = Deduplicate()
+        bus.subscribe(OrderCompleted.self, name: "notifications.completed", middleware: [dedup]) { [self] event, _ in
+            self.notify(event.orderID, .completed)
+        }
+        bus.subscribe(OrderCancelled.self, name: "notifications.cancelled", middleware: [dedup]) { [self] event, _ in
+            self.notify(event.orderID, .cancelled)
+        }
+    }
+
+    private func notify(_ orderID: String, _ status: OrderStatus) {
+        let notification = Notification(orderID: orderID, status: status, sentAt: monotonicNanoseconds())
+        let first = sent.withLock { sent -> Bool in
+            guard sent[orderID] == nil else { return false }
+            sent[orderID] = notification
+            return true
+        }
+        if first { onNotify(notification) } else { duplicates.withLock { $0 += 1 } }
+    }
+
+    public var notifications: [String: Notification] { sent.withLock { $0 } }
+    /// Notifications that would have reached a customer twice.
+    public var duplicateNotifications: Int { duplicates.withLock { $0 } }
+}
+
