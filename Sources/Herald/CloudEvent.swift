@@ -138,7 +138,8 @@ public struct CloudEvent: Sendable {
             var text: String?
             if let value {
                 guard case .string(let string) = value else {
-                    throw CloudEventError(.invalidAttributeType, attribute: name, "extension '\(name)' must be a string")
+                    throw CloudEventError(
+                        .invalidAttributeType, attribute: name, "extension '\(name)' must be a string")
                 }
                 text = string
             }

@@ -173,7 +173,8 @@ public enum CloudEventJSON {
                 return text
             case let other?:
                 throw CloudEventError(
-                    .invalidAttributeType, attribute: name, "attribute '\(name)' must be a string, not \(other.kindName)")
+                    .invalidAttributeType, attribute: name,
+                    "attribute '\(name)' must be a string, not \(other.kindName)")
             }
         }
 
@@ -215,8 +216,10 @@ public enum CloudEventJSON {
             }
         }
 
-        let core: Set<String> = ["specversion", "id", "source", "type", "time", "subject", "dataschema",
-            "datacontenttype", "data_base64"]
+        let core: Set<String> = [
+            "specversion", "id", "source", "type", "time", "subject", "dataschema",
+            "datacontenttype", "data_base64",
+        ]
         for (name, value) in attributes where !core.contains(name) {
             let extensionValue: ExtensionValue?
             switch value {

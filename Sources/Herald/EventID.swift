@@ -1,9 +1,9 @@
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// A CloudEvents `id`. Herald creates UUIDv7 ids (unique and time-sortable); ids received from elsewhere
@@ -146,9 +146,9 @@ public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible
     static func coarseNow() -> Timestamp {
         var spec = timespec()
         #if os(Linux)
-        clock_gettime(CLOCK_REALTIME_COARSE, &spec)
+            clock_gettime(CLOCK_REALTIME_COARSE, &spec)
         #else
-        clock_gettime(CLOCK_REALTIME, &spec)
+            clock_gettime(CLOCK_REALTIME, &spec)
         #endif
         return Timestamp(nanosecondsSinceEpoch: Int64(spec.tv_sec) * 1_000_000_000 + Int64(spec.tv_nsec))
     }

@@ -52,7 +52,8 @@ public final class EventRegistry: Sendable {
             return .known(value, typed)
         } catch {
             throw CloudEventError(
-                .invalidData, attribute: "data", "data of '\(event.type)' does not decode as \(entry.swiftTypeName): \(error)")
+                .invalidData, attribute: "data",
+                "data of '\(event.type)' does not decode as \(entry.swiftTypeName): \(error)")
         }
     }
 }

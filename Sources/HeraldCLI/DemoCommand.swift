@@ -3,7 +3,7 @@ import Herald
 import OrderSystem
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 struct DemoCommand: AsyncParsableCommand {
@@ -33,7 +33,9 @@ struct DemoCommand: AsyncParsableCommand {
         let options = OrderDemo.Options(
             orders: orders, seed: seed, failurePercent: failPercent, topology: OrderDemo.Topology(rawValue: transport)!,
             timelineOrders: timeline, timeout: .seconds(timeout))
-        print("Herald order demo: \(orders) orders, seed \(seed), \(failPercent)% payment failures, transport \(transport)")
+        print(
+            "Herald order demo: \(orders) orders, seed \(seed), \(failPercent)% payment failures, transport \(transport)"
+        )
         let report = try await OrderDemo.run(options)
         print("")
         for (orderID, status, entries) in report.timelines {
@@ -48,14 +50,21 @@ struct DemoCommand: AsyncParsableCommand {
         for status in OrderStatus.allCases {
             print("  \(pad(status.rawValue, 10)) \(report.byStatus[status] ?? 0)")
         }
-        print("  events      \(report.events) in \(format(seconds(report.elapsed), 3)) s = \(Int(report.eventsPerSecond)) events/s")
-        print("  latency     p50 \(format(seconds(report.latencyP50) * 1000, 3)) ms, p99 \(format(seconds(report.latencyP99) * 1000, 3)) ms (order placed → customer notified)")
+        print(
+            "  events      \(report.events) in \(format(seconds(report.elapsed), 3)) s = \(Int(report.eventsPerSecond)) events/s"
+        )
+        print(
+            "  latency     p50 \(format(seconds(report.latencyP50) * 1000, 3)) ms, p99 \(format(seconds(report.latencyP99) * 1000, 3)) ms (order placed → customer notified)"
+        )
         print("  stock       \(report.reservedStockLeft) reserved (expected \(report.expectedReservedStock))")
-        print("  notified    \(orders - report.missingNotifications) of \(orders), \(report.duplicateNotifications) duplicates")
+        print(
+            "  notified    \(orders - report.missingNotifications) of \(orders), \(report.duplicateNotifications) duplicates"
+        )
         if report.passed {
             print("RESULT: PASS — every order reached the right final state")
         } else {
-            print("RESULT: FAIL — \(report.wrongOrders.count) orders in a wrong state: \(report.wrongOrders.prefix(10))")
+            print(
+                "RESULT: FAIL — \(report.wrongOrders.count) orders in a wrong state: \(report.wrongOrders.prefix(10))")
             throw ExitCode(1)
         }
     }

@@ -168,8 +168,10 @@ public enum TransportConformance {
             let letter = try await letters.next()!
             try expect(letter.event.extensions["deadletterreason"]?.description.contains("poison") == true, "reason")
         },
-        Check(name: "a republished (source, id) is acknowledged as a duplicate and delivered once",
-            requires: [.deduplication]) { transport, topic in
+        Check(
+            name: "a republished (source, id) is acknowledged as a duplicate and delivered once",
+            requires: [.deduplication]
+        ) { transport, topic in
             let event = sample(5)
             let first = try await transport.publish([event], to: topic)
             let second = try await transport.publish([event], to: topic)

@@ -60,7 +60,8 @@ public enum OrderDemo {
         public let timelines: [(orderID: String, status: OrderStatus?, entries: [TimelineEntry])]
 
         public var eventsPerSecond: Double {
-            Double(events) / max(1e-9, Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+            Double(events)
+                / max(1e-9, Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
         }
 
         /// True only if every order reached the right final state, each customer was notified exactly once, and
@@ -101,8 +102,10 @@ public enum OrderDemo {
         let buses =
             options.topology == .local
             ? [shared]
-            : [shared, makeBus(PaymentsService.name), makeBus(ShippingService.name),
-                makeBus(NotificationsService.name), makeBus("audit")]
+            : [
+                shared, makeBus(PaymentsService.name), makeBus(ShippingService.name),
+                makeBus(NotificationsService.name), makeBus("audit"),
+            ]
         let auditBus = buses.last!
         let orders = OrdersService(bus: shared)
         let payments = PaymentsService(bus: options.topology == .local ? shared : buses[1], gateway: gateway)

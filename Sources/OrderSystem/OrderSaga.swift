@@ -43,7 +43,8 @@ public struct OrderSaga: Saga {
                 RefundPayment(orderID: paid.orderID, paymentID: paid.paymentID), EventAttributes(recipient: "payments"))
             return .ignore
         case (let failed as PaymentFailed, .awaitingPayment?):
-            try await context.publish(OrderCancelled(orderID: failed.orderID, reason: "payment failed: \(failed.reason)"))
+            try await context.publish(
+                OrderCancelled(orderID: failed.orderID, reason: "payment failed: \(failed.reason)"))
             return .finish(State(orderID: failed.orderID, step: .cancelled))
         case (let shipped as OrderShipped, .awaitingShipment?):
             try await context.publish(OrderCompleted(orderID: shipped.orderID))

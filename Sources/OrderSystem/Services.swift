@@ -20,10 +20,12 @@ public final class OrdersService: Sendable {
         self.sagas = SagaManager(saga, store: sagaStore, bus: bus)
         sagas.start(service: OrdersService.name)
         let dedup = Deduplicate()
-        bus.subscribe(OrderCompleted.self, name: "orders.completed", middleware: [dedup]) { [self] event, _ in
+        bus.subscribe(OrderCompleted.self, name: "orders.completed", service: OrdersService.name, middleware: [dedup]) {
+            [self] event, _ in
             self.book.withLock { $0.status[event.orderID] = .completed }
         }
-        bus.subscribe(OrderCancelled.self, name: "orders.cancelled", middleware: [dedup]) { [self] event, _ in
+        bus.subscribe(OrderCancelled.self, name: "orders.cancelled", service: OrdersService.name, middleware: [dedup]) {
+            [self] event, _ in
             self.book.withLock { book in
                 // Compensation: release the stock reserved when the order was created, once.
                 if book.status[event.orderID] == .pending { book.reservedStock -= 1 }
@@ -81,16 +83,19 @@ public final class PaymentsService: Sendable {
         self.gateway = gateway
         // Idempotent consumer: a redelivered OrderCreated must not charge twice.
         let dedup = Deduplicate()
-        bus.subscribe(OrderCreated.self, name: "payments.charge", middleware: [dedup]) { [self] order, context in
+        bus.subscribe(OrderCreated.self, name: "payments.charge", service: PaymentsService.name, middleware: [dedup]) {
+            [self] order, context in
             if gateway.declines(order.orderID) {
                 try await context.publish(PaymentFailed(orderID: order.orderID, reason: "card declined"))
             } else {
                 self.ledger.withLock { _ = $0.charged.insert(order.orderID) }
                 try await context.publish(
-                    OrderPaid(orderID: order.orderID, paymentID: "pay-\(order.orderID)", amountCents: order.amountCents))
+                    OrderPaid(orderID: order.orderID, paymentID: "pay-\(order.orderID)", amountCents: order.amountCents)
+                )
             }
         }
-        bus.subscribe(RefundPayment.self, name: "payments.refund", middleware: [dedup]) { [self] refund, _ in
+        bus.subscribe(RefundPayment.self, name: "payments.refund", service: PaymentsService.name, middleware: [dedup]) {
+            [self] refund, _ in
             self.ledger.withLock { _ = $0.refunded.insert(refund.orderID) }
         }
     }
@@ -108,7 +113,8 @@ public final class ShippingService: Sendable {
     public init(bus: EventBus) {
         self.bus = bus
         let dedup = Deduplicate()
-        bus.subscribe(OrderPaid.self, name: "shipping.ship", middleware: [dedup]) { [self] paid, context in
+        bus.subscribe(OrderPaid.self, name: "shipping.ship", service: ShippingService.name, middleware: [dedup]) {
+            [self] paid, context in
             self.shipped.withLock { _ = $0.insert(paid.orderID) }
             try await context.publish(OrderShipped(orderID: paid.orderID, trackingNumber: "TRK-\(paid.orderID)"))
         }
@@ -137,10 +143,16 @@ public final class NotificationsService: Sendable {
         self.bus = bus
         self.onNotify = onNotify
         let dedup = Deduplicate()
-        bus.subscribe(OrderCompleted.self, name: "notifications.completed", middleware: [dedup]) { [self] event, _ in
+        bus.subscribe(
+            OrderCompleted.self, name: "notifications.completed", service: NotificationsService.name,
+            middleware: [dedup]
+        ) { [self] event, _ in
             self.notify(event.orderID, .completed)
         }
-        bus.subscribe(OrderCancelled.self, name: "notifications.cancelled", middleware: [dedup]) { [self] event, _ in
+        bus.subscribe(
+            OrderCancelled.self, name: "notifications.cancelled", service: NotificationsService.name,
+            middleware: [dedup]
+        ) { [self] event, _ in
             self.notify(event.orderID, .cancelled)
         }
     }
@@ -159,4 +171,3 @@ public final class NotificationsService: Sendable {
     /// Notifications that would have reached a customer twice.
     public var duplicateNotifications: Int { duplicates.withLock { $0 } }
 }
-

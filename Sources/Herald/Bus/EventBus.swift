@@ -268,8 +268,9 @@ public final class EventBus: Sendable, Service {
                 do {
                     try await registration.scheduler!.enqueue(item)
                 } catch {
-                    waiter.completed(HandlerRunOutcome(
-                        failures: [HandlerFailure(handler: registration.name, error: error, attempts: 0)], ran: 1))
+                    waiter.completed(
+                        HandlerRunOutcome(
+                            failures: [HandlerFailure(handler: registration.name, error: error, attempts: 0)], ran: 1))
                 }
             }
             let ownOutcome = await waiter.wait()
@@ -340,7 +341,9 @@ public final class EventBus: Sendable, Service {
         for registration in handlers where !registration.isCancelled && registration.accepts(event) {
             outcome.ran += 1
             do {
-                try await registration.body(event, EventContext(event: event, bus: self, handler: registration.name))
+                try await registration.body(
+                    event,
+                    EventContext(event: event, bus: self, handler: registration.name, service: registration.service))
             } catch {
                 outcome.failures.append(
                     await recordFailure(error, of: registration.name, event: event, deadLetter: deadLetterOnFailure))
@@ -386,9 +389,11 @@ public final class EventBus: Sendable, Service {
             guard let self else { return }
             self.logger.warning("late event dead-lettered", metadata: ["event.id": "\(item.event.id)"])
             await self.configuration.deadLetters.deadLetter(
-                DeadLetter(event: item.event, handler: "event-time", reason: "late: older than the watermark", attempts: 0))
-            item.completion?.completed(HandlerRunOutcome(
-                failures: [HandlerFailure(handler: "event-time", error: LateEventError(), attempts: 0)], ran: 0))
+                DeadLetter(
+                    event: item.event, handler: "event-time", reason: "late: older than the watermark", attempts: 0))
+            item.completion?.completed(
+                HandlerRunOutcome(
+                    failures: [HandlerFailure(handler: "event-time", error: LateEventError(), attempts: 0)], ran: 0))
         }
         let onDiscard: @Sendable (WorkItem, String) async -> Void = { [weak self] item, reason in
             guard let self else { return }

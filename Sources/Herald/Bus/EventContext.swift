@@ -13,6 +13,8 @@ public struct EventContext: Sendable {
     public let bus: EventBus
     /// The handler's name.
     public let handler: String
+    /// The service the handler belongs to; responses are published with it as their `source`.
+    public let service: String
 
     /// Publishes a response event and waits for its handlers (or the transport's acknowledgement).
     @discardableResult
@@ -32,7 +34,7 @@ public struct EventContext: Sendable {
         var attributes = attributes
         attributes.causationID = attributes.causationID ?? event.id.description
         attributes.correlationID = attributes.correlationID ?? event.correlationid ?? event.id.description
-        var envelope = CloudEvent(response, source: bus.source, attributes: attributes)
+        var envelope = CloudEvent(response, source: service, attributes: attributes)
         if let current = ServiceContext.current {
             InstrumentationSystem.instrument.inject(current, into: &envelope, using: CloudEventTraceInjector())
         }

@@ -43,7 +43,7 @@ final class Registration: Sendable {
     let name: String
     let filter: SubscriptionFilter
     let priority: Int
-    let service: String?
+    let service: String
     let body: Body
     /// The subscription's own scheduler, when it has a strategy of its own.
     let scheduler: (any WorkScheduler)?
@@ -51,7 +51,7 @@ final class Registration: Sendable {
     let cancelled = Atomic<Bool>(false)
 
     init(
-        id: UInt64, name: String, filter: SubscriptionFilter, priority: Int, service: String?, body: @escaping Body,
+        id: UInt64, name: String, filter: SubscriptionFilter, priority: Int, service: String, body: @escaping Body,
         scheduler: (any WorkScheduler)?
     ) {
         self.id = id

@@ -33,12 +33,14 @@ public struct SagaContext: Sendable {
     public let correlationID: String
     public let trigger: CloudEvent?
     public let bus: EventBus
+    /// The `source` of the events the saga publishes.
+    public let source: String
 
     public func publish<E: Event>(_ event: E, _ attributes: EventAttributes = EventAttributes()) async throws {
         var attributes = attributes
         attributes.correlationID = correlationID
         attributes.causationID = attributes.causationID ?? trigger?.id.description
-        try await bus.publish(CloudEvent(event, source: bus.source, attributes: attributes))
+        try await bus.publish(CloudEvent(event, source: source, attributes: attributes))
     }
 }
 
@@ -122,6 +124,7 @@ public final class SagaManager<S: Saga>: Service {
     public let timeoutInterval: Duration
     private let logger: Logger
     private let subscriptions = Mutex<[Subscription]>([])
+    private let service = Mutex<String?>(nil)
 
     public init(
         _ saga: S, store: any SagaStore, bus: EventBus, timeoutInterval: Duration = .milliseconds(100),
@@ -136,6 +139,7 @@ public final class SagaManager<S: Saga>: Service {
 
     /// Subscribes the saga to its event types on the bus.
     public func start(service: String? = nil) {
+        self.service.withLock { $0 = service }
         for type in S.events {
             do {
                 try bus.registry.register(type)
@@ -152,11 +156,13 @@ public final class SagaManager<S: Saga>: Service {
         self.subscriptions.withLock { $0 += subscriptions }
     }
 
+    private var source: String { service.withLock { $0 } ?? bus.source }
+
     /// Handles one event: the conversation is the event's correlation id (its own id when it has none).
     public func handle(_ event: CloudEvent) async throws {
         let correlation = event.correlationid ?? event.id.description
         let decoded = try bus.registry.decode(event)
-        let context = SagaContext(correlationID: correlation, trigger: event, bus: bus)
+        let context = SagaContext(correlationID: correlation, trigger: event, bus: bus, source: source)
         try await transition(id: correlation) { state in
             try await self.saga.handle(decoded, state: state, context: context)
         }
@@ -167,7 +173,7 @@ public final class SagaManager<S: Saga>: Service {
     public func fireTimeouts(at time: Timestamp = .now()) async throws -> Int {
         let due = try await store.expired(saga: S.name, at: time, limit: 1000)
         for record in due {
-            let context = SagaContext(correlationID: record.id, trigger: nil, bus: bus)
+            let context = SagaContext(correlationID: record.id, trigger: nil, bus: bus, source: source)
             try await transition(id: record.id) { state in
                 // Fire only if still due: another instance may have moved it on meanwhile.
                 guard let state else { return .ignore }

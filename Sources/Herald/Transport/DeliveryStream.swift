@@ -111,7 +111,8 @@ public final class DeliveryBuffer: Sendable {
 
     func takeAll() async throws -> Deque<Delivery>? {
         try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Deque<Delivery>?, any Error>) in
+            try await withCheckedThrowingContinuation {
+                (continuation: CheckedContinuation<Deque<Delivery>?, any Error>) in
                 enum Ready {
                     case batch(Deque<Delivery>)
                     case end

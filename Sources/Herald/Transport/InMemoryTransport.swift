@@ -137,7 +137,8 @@ public final class InMemoryTransport: EventTransport {
         }
         let key = DedupKey(source: event.source, id: event.id)
         if let original = topic.dedup[key] {
-            return PublishAck(id: event.id, partition: original.ack.partition, offset: original.ack.offset, duplicate: true)
+            return PublishAck(
+                id: event.id, partition: original.ack.partition, offset: original.ack.offset, duplicate: true)
         }
         let partition: Int
         if let partitionKey = event.partitionkey {
@@ -272,7 +273,11 @@ public final class InMemoryTransport: EventTransport {
             guard !group.memberOrder.isEmpty else { continue }
             var outgoing: [Int: [Delivery]] = [:]
             // Redeliveries that are due, oldest first.
-            group.redeliveries.sort { ($0.due, $0.position.partition, $0.position.offset) < ($1.due, $1.position.partition, $1.position.offset) }
+            group.redeliveries.sort {
+                ($0.due, $0.position.partition, $0.position.offset) < (
+                    $1.due, $1.position.partition, $1.position.offset
+                )
+            }
             var remaining: [Redelivery] = []
             for redelivery in group.redeliveries {
                 guard redelivery.due <= now, let member = pickMember(&group) else {
@@ -281,7 +286,8 @@ public final class InMemoryTransport: EventTransport {
                 }
                 let event = topic.partitions[redelivery.position.partition][Int(redelivery.position.offset)]
                 outgoing[member, default: []].append(
-                    deliver(event, at: redelivery.position, attempt: redelivery.attempt + 1, to: member, group: &group,
+                    deliver(
+                        event, at: redelivery.position, attempt: redelivery.attempt + 1, to: member, group: &group,
                         now: now, holdsKey: true))
                 group.redelivered += 1
             }
@@ -305,7 +311,8 @@ public final class InMemoryTransport: EventTransport {
                     for delivery in deliveries {
                         let position = Position(partition: delivery.partition, offset: delivery.offset)
                         if let pending = group.pending.removeValue(forKey: position) {
-                            group.redeliveries.append(Redelivery(due: now, position: position, attempt: pending.attempt))
+                            group.redeliveries.append(
+                                Redelivery(due: now, position: position, attempt: pending.attempt))
                         }
                     }
                 }
@@ -332,7 +339,8 @@ public final class InMemoryTransport: EventTransport {
         let key = group.options.ordered ? event.partitionkey : nil
         if let key, !holdsKey { group.busyKeys[key, default: 0] += 1 }
         group.pending[position] = Pending(
-            attempt: attempt, deadline: now + UInt64(max(0, group.options.ackWait.nanoseconds)), member: member, key: key)
+            attempt: attempt, deadline: now + UInt64(max(0, group.options.ackWait.nanoseconds)), member: member,
+            key: key)
         group.members[member]!.inFlight += 1
         group.delivered += 1
         return Delivery(
@@ -362,7 +370,8 @@ public final class InMemoryTransport: EventTransport {
             else {
                 throw TransportError(
                     .staleAck,
-                    "delivery \(delivery.partition)/\(delivery.offset) attempt \(delivery.attempt) is no longer pending")
+                    "delivery \(delivery.partition)/\(delivery.offset) attempt \(delivery.attempt) is no longer pending"
+                )
             }
             let now = monotonicNanoseconds()
             group.pending.removeValue(forKey: position)
