@@ -190,7 +190,9 @@ public enum CloudEventJSON {
         var time: Timestamp?
         if let text = try string("time", required: false) {
             guard let parsed = RFC3339.parse(text) else {
-                throw CloudEventError(.invalidAttributeValue, attribute: "time", "'time' is not RFC 3339: '\(text)'")
+                throw CloudEventError(
+                    .invalidAttributeValue, attribute: "time",
+                    "'time' is not an RFC 3339 time between the years 1678 and 2262: '\(text)'")
             }
             time = parsed
         }

@@ -79,7 +79,11 @@ enum RFC3339 {
         guard index == bytes.count else { return nil }
         let days = daysFromCivil(year: year, month: month, day: day)
         let seconds = days * 86_400 + hour * 3600 + minute * 60 + min(second, 59) - offset
-        return Timestamp(nanosecondsSinceEpoch: seconds * 1_000_000_000 + nanos)
+        // Nanoseconds since 1970 in 64 bits cover the years 1678 to 2262; other times are refused, not trapped on.
+        let (scaled, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        guard !overflow else { return nil }
+        let (total, overflowAgain) = scaled.addingReportingOverflow(nanos)
+        return overflowAgain ? nil : Timestamp(nanosecondsSinceEpoch: total)
     }
 
     private static func pad(_ value: Int64, _ width: Int) -> String {
