@@ -32,7 +32,11 @@ final class Recorder<Value: Sendable>: Sendable {
 /// Counts concurrent executions and remembers the peak.
 final class ConcurrencyProbe: Sendable {
     private let state = Mutex<(now: Int, peak: Int)>((0, 0))
-    func enter() { state.withLock { $0.now += 1; $0.peak = max($0.peak, $0.now) } }
+    func enter() {
+        state.withLock {
+            $0.now += 1; $0.peak = max($0.peak, $0.now)
+        }
+    }
     func leave() { state.withLock { $0.now -= 1 } }
     var peak: Int { state.withLock { $0.peak } }
 }

@@ -46,18 +46,24 @@ public struct EventContext: Sendable {
     }
 }
 
-/// Writes trace headers (`traceparent`, `tracestate`) into an envelope's extensions.
+/// Writes trace propagation headers into an envelope's extensions: W3C `traceparent` and `tracestate` keep their
+/// names; any other instrument's key is lowercased and stripped to `[a-z0-9]`, as extension names must be.
 public struct CloudEventTraceInjector: Injector {
     public init() {}
     public func inject(_ value: String, forKey key: String, into carrier: inout CloudEvent) {
-        try? carrier.setExtension(key.lowercased(), .string(value))
+        try? carrier.setExtension(CloudEventTraceInjector.extensionName(forKey: key), .string(value))
+    }
+
+    /// The extension name a propagation header is carried under.
+    public static func extensionName(forKey key: String) -> String {
+        String(key.lowercased().unicodeScalars.filter { ("a"..."z").contains($0) || ("0"..."9").contains($0) })
     }
 }
 
-/// Reads trace headers from an envelope's extensions.
+/// Reads trace propagation headers from an envelope's extensions (see `CloudEventTraceInjector`).
 public struct CloudEventTraceExtractor: Extractor {
     public init() {}
     public func extract(key: String, from carrier: CloudEvent) -> String? {
-        carrier[extension: key.lowercased()]?.description
+        carrier[extension: CloudEventTraceInjector.extensionName(forKey: key)]?.description
     }
 }
