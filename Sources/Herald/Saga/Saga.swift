@@ -190,7 +190,7 @@ public final class SagaManager<S: Saga>: Service {
         _ step: (S.State?) async throws -> SagaTransition<S.State>,
         guardRecord: (SagaRecord?) -> Bool = { _ in true }
     ) async throws {
-        for _ in 0..<20 {
+        for _ in 0..<64 {
             let record = try await store.load(saga: S.name, id: id)
             if record?.finished == true || !guardRecord(record) { return }
             let state = try record.map { try JSONDecoder().decode(S.State.self, from: Data($0.state)) }
