@@ -57,6 +57,8 @@ public final class EventBus: Sendable, Service {
         var shared: [Registration] = []
         /// Handlers with their own strategy.
         var own: [Registration] = []
+        /// Whether every shared handler is synchronous (the fast path: no async call per handler).
+        var allSync = true
         var isEmpty: Bool { shared.isEmpty && own.isEmpty }
     }
 
@@ -114,10 +116,27 @@ public final class EventBus: Sendable, Service {
         registerType(E.self)
         return register(
             filter: .type(E.eventType), name: name ?? E.eventType, priority: priority, service: service,
-            strategy: strategy, middleware: middleware
-        ) { event, context in
-            try await handler(try EventBus.typedValue(E.self, of: event), context)
-        }
+            strategy: strategy, middleware: middleware,
+            body: .async { event, context in try await handler(try EventBus.typedValue(E.self, of: event), context) })
+    }
+
+    /// Subscribes a synchronous closure to one event type; without middleware it runs with no async overhead.
+    /// Parameters as for the asynchronous variant.
+    @discardableResult
+    public func subscribe<E: Event>(
+        _ type: E.Type,
+        name: String? = nil,
+        priority: Int = 0,
+        service: String? = nil,
+        strategy: DispatchStrategy? = nil,
+        middleware: [any EventMiddleware] = [],
+        handler: @escaping @Sendable (E, EventContext) throws -> Void
+    ) -> Subscription {
+        registerType(E.self)
+        return register(
+            filter: .type(E.eventType), name: name ?? E.eventType, priority: priority, service: service,
+            strategy: strategy, middleware: middleware,
+            body: .sync { event, context in try handler(try EventBus.typedValue(E.self, of: event), context) })
     }
 
     /// Subscribes a handler type to its event type.
@@ -151,7 +170,7 @@ public final class EventBus: Sendable, Service {
     ) -> Subscription {
         register(
             filter: filter, name: name ?? filter.description, priority: priority, service: service,
-            strategy: strategy, middleware: middleware, body: handler)
+            strategy: strategy, middleware: middleware, body: .async(handler))
     }
 
     private func registerType<E: Event>(_ type: E.Type) {
@@ -164,11 +183,20 @@ public final class EventBus: Sendable, Service {
 
     private func register(
         filter: SubscriptionFilter, name: String, priority: Int, service: String?, strategy: DispatchStrategy?,
-        middleware: [any EventMiddleware], body: @escaping Registration.Body
+        middleware: [any EventMiddleware], body: Registration.Body
     ) -> Subscription {
         let chain = configuration.middleware + middleware
-        let composed = chain.reversed().reduce(body) { next, stage in
-            { event, context in try await stage.handle(event, context: context, next: next) }
+        var composed = body
+        if !chain.isEmpty {
+            let handler: Registration.AsyncBody
+            switch body {
+            case .sync(let sync): handler = { event, context in try sync(event, context) }
+            case .async(let async): handler = async
+            }
+            composed = .async(
+                chain.reversed().reduce(handler) { next, stage in
+                    { event, context in try await stage.handle(event, context: context, next: next) }
+                })
         }
         let scheduler = strategy.flatMap { makeScheduler($0) }
         let registration = state.withLock { state -> Registration in
@@ -193,19 +221,20 @@ public final class EventBus: Sendable, Service {
     }
 
     /// The handlers for a type name, in run order (cached until the next subscription change).
-    private func route(for type: String) -> (Route, (any WorkScheduler)?) {
+    private func route(for type: String) -> (Route, (any WorkScheduler)?, closed: Bool) {
         state.withLock { state in
-            if let route = state.routes[type] { return (route, state.scheduler) }
+            if let route = state.routes[type] { return (route, state.scheduler, state.closed) }
             var route = Route()
             for registration in state.registrations where registration.filter.matches(type) {
                 if registration.scheduler == nil {
                     route.shared.append(registration)
+                    route.allSync = route.allSync && registration.isSync
                 } else {
                     route.own.append(registration)
                 }
             }
             state.routes[type] = route
-            return (route, state.scheduler)
+            return (route, state.scheduler, state.closed)
         }
     }
 
@@ -241,7 +270,7 @@ public final class EventBus: Sendable, Service {
 
     /// Publishes an envelope and waits until every matching handler has finished (or, when linked to a
     /// transport, until the transport acknowledged it).
-    /// - Throws: `EventBusError.shutDown` after shutdown; the transport's error when linked.
+    /// - Throws: the transport's error when linked.
     @discardableResult
     public func publish(_ event: CloudEvent) async throws -> PublishResult {
         published.increment()
@@ -249,24 +278,34 @@ public final class EventBus: Sendable, Service {
             let acks = try await link.transport.publish([event], to: link.topic)
             return PublishResult(eventID: event.id, ran: [], failures: [], acknowledgement: acks.first)
         }
-        return await dispatchLocally(event)
+        let (route, _, _) = route(for: event.type)
+        if route.own.isEmpty && route.allSync {
+            // The fast path: synchronous handlers only, no async call, no allocation when all succeed.
+            var failed: [(Registration, any Error)] = []
+            let ran = runSyncHandlers(route.shared, for: event, failed: &failed)
+            var failures: [HandlerFailure] = []
+            for (registration, error) in failed {
+                failures.append(await recordFailure(error, of: registration, event: event, deadLetter: true))
+            }
+            return PublishResult(
+                eventID: event.id,
+                ran: ran == route.shared.count ? route.shared : route.shared.filter { $0.accepts(event) },
+                failures: failures, acknowledgement: nil)
+        }
+        return await dispatchLocally(event, route: route)
     }
 
-    /// Runs the local handlers for an event and waits for all of them.
-    func dispatchLocally(_ event: CloudEvent, deadLetterOnFailure: Bool = true) async -> PublishResult {
-        let (route, _) = route(for: event.type)
-        if route.isEmpty { return PublishResult(eventID: event.id, ran: [], failures: [], acknowledgement: nil) }
-        var outcome = await runHandlers(route.shared, for: event, deadLetterOnFailure: deadLetterOnFailure)
+    /// Runs the local handlers for an event and waits for all of them, including those with their own strategy.
+    private func dispatchLocally(_ event: CloudEvent, route: Route) async -> PublishResult {
+        var outcome = await runShared(route, for: event, deadLetterOnFailure: true)
         var ran = outcome.ran == route.shared.count ? route.shared : route.shared.filter { $0.accepts(event) }
         if !route.own.isEmpty {
             let own = route.own.filter { $0.accepts(event) && !$0.isCancelled }
             let waiter = CompletionWaiter(count: own.count)
             for registration in own {
-                let item = WorkItem(
-                    event: event, handlers: [registration], priority: 0, completion: waiter, acceptedAt: 0,
-                    deadLetterOnFailure: deadLetterOnFailure)
                 do {
-                    try await registration.scheduler!.enqueue(item)
+                    try await registration.scheduler!.enqueue(
+                        WorkItem(event: event, handlers: [registration], priority: 0, completion: waiter))
                 } catch {
                     waiter.completed(
                         HandlerRunOutcome(
@@ -294,17 +333,61 @@ public final class EventBus: Sendable, Service {
             _ = try await link.transport.publish([event], to: link.topic)
             return
         }
+        let (route, scheduler, closed) = route(for: event.type)
+        if !closed, route.own.isEmpty, !route.shared.isEmpty, let scheduler {
+            // The fast path: one lock round-trip, no async call.
+            let item = WorkItem(event: event, handlers: route.shared, priority: priority, completion: nil)
+            if scheduler.offer(item) == .accepted { return }
+        }
         try await schedule(event, priority: priority, completion: nil, deadLetterOnFailure: true)
+    }
+
+    /// Posts a batch of envelopes, taking each queue's lock once per batch rather than once per event.
+    /// Events are accepted in order; on an error, the events before the failing one were accepted.
+    public func post(contentsOf events: [CloudEvent], priority: Int = 0) async throws {
+        posted.increment(by: Int64(events.count))
+        if let link = configuration.transport {
+            _ = try await link.transport.publish(events, to: link.topic)
+            return
+        }
+        var pending: [WorkItem] = []
+        pending.reserveCapacity(events.count)
+        var index = 0
+        while index < events.count {
+            let (route, scheduler, closed) = route(for: events[index].type)
+            guard !closed, route.own.isEmpty, !route.shared.isEmpty, let scheduler else {
+                try await schedule(events[index], priority: priority, completion: nil, deadLetterOnFailure: true)
+                index += 1
+                continue
+            }
+            // A run of events of one type goes to the queue in one offer.
+            let type = events[index].type
+            pending.removeAll(keepingCapacity: true)
+            while index < events.count && events[index].type == type {
+                pending.append(
+                    WorkItem(event: events[index], handlers: route.shared, priority: priority, completion: nil))
+                index += 1
+            }
+            let accepted = scheduler.offer(contentsOf: pending)
+            for item in pending[accepted...] {
+                try await schedule(item.event, priority: priority, completion: nil, deadLetterOnFailure: true)
+            }
+        }
+    }
+
+    /// Posts a batch of typed events; see `post(contentsOf:priority:)`.
+    public func post<E: Event>(contentsOf events: [E], _ attributes: EventAttributes = EventAttributes()) async throws {
+        try await post(
+            contentsOf: events.map { CloudEvent($0, source: source, attributes: attributes) },
+            priority: attributes.priority)
     }
 
     /// Hands an event to the strategies of its handlers; `completion` hears once when all of them ran.
     func schedule(
         _ event: CloudEvent, priority: Int, completion: (any WorkCompletion)?, deadLetterOnFailure: Bool
     ) async throws(EventBusError) {
-        let (route, scheduler) = route(for: event.type)
-        if state.withLock({ $0.closed }) {
-            throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
-        }
+        let (route, scheduler, closed) = route(for: event.type)
+        if closed { throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events") }
         let own = route.own.isEmpty ? [] : route.own.filter { $0.accepts(event) && !$0.isCancelled }
         let parts = (route.shared.isEmpty ? 0 : 1) + own.count
         if parts == 0 {
@@ -314,20 +397,19 @@ public final class EventBus: Sendable, Service {
         let target: (any WorkCompletion)? = parts == 1 ? completion : completion.map { SplitCompletion(parts, $0) }
         if !route.shared.isEmpty {
             if let scheduler {
-                try await scheduler.enqueue(
-                    WorkItem(
-                        event: event, handlers: route.shared, priority: priority, completion: target, acceptedAt: 0,
-                        deadLetterOnFailure: deadLetterOnFailure))
+                var item = WorkItem(event: event, handlers: route.shared, priority: priority, completion: target)
+                item.deadLetterOnFailure = deadLetterOnFailure
+                try await scheduler.enqueue(item)
             } else {
-                let outcome = await runHandlers(route.shared, for: event, deadLetterOnFailure: deadLetterOnFailure)
+                // Not `target?.completed(await ...)`: optional chaining would skip running the handlers.
+                let outcome = await runShared(route, for: event, deadLetterOnFailure: deadLetterOnFailure)
                 target?.completed(outcome)
             }
         }
         for registration in own {
-            try await registration.scheduler!.enqueue(
-                WorkItem(
-                    event: event, handlers: [registration], priority: priority, completion: target, acceptedAt: 0,
-                    deadLetterOnFailure: deadLetterOnFailure))
+            var item = WorkItem(event: event, handlers: [registration], priority: priority, completion: target)
+            item.deadLetterOnFailure = deadLetterOnFailure
+            try await registration.scheduler!.enqueue(item)
         }
     }
 
@@ -341,21 +423,58 @@ public final class EventBus: Sendable, Service {
         for registration in handlers where !registration.isCancelled && registration.accepts(event) {
             outcome.ran += 1
             do {
-                try await registration.body(
-                    event,
-                    EventContext(event: event, bus: self, handler: registration.name, service: registration.service))
+                let context = EventContext(event: event, bus: self, registration: registration)
+                switch registration.body {
+                case .sync(let body): try body(event, context)
+                case .async(let body): try await body(event, context)
+                }
             } catch {
                 outcome.failures.append(
-                    await recordFailure(error, of: registration.name, event: event, deadLetter: deadLetterOnFailure))
-                registration.failures.increment()
+                    await recordFailure(error, of: registration, event: event, deadLetter: deadLetterOnFailure))
             }
         }
         return outcome
     }
 
-    func recordFailure(_ error: any Error, of handler: String, event: CloudEvent, deadLetter: Bool) async
+    /// The same for synchronous handlers, with no async call: failures are collected for the caller to record
+    /// (recording may dead-letter, which is asynchronous).
+    @inline(__always)
+    func runSyncHandlers(
+        _ handlers: [Registration], for event: CloudEvent, failed: inout [(Registration, any Error)]
+    ) -> Int {
+        var ran = 0
+        for registration in handlers where !registration.isCancelled && registration.accepts(event) {
+            guard case .sync(let body) = registration.body else { continue }
+            ran += 1
+            do {
+                try body(event, EventContext(event: event, bus: self, registration: registration))
+            } catch {
+                failed.append((registration, error))
+            }
+        }
+        return ran
+    }
+
+    /// Runs a route's shared handlers, synchronously when they all are.
+    @inline(__always)
+    func runShared(_ route: Route, for event: CloudEvent, deadLetterOnFailure: Bool) async -> HandlerRunOutcome {
+        guard route.allSync else {
+            return await runHandlers(route.shared, for: event, deadLetterOnFailure: deadLetterOnFailure)
+        }
+        var failed: [(Registration, any Error)] = []
+        var outcome = HandlerRunOutcome(failures: [], ran: runSyncHandlers(route.shared, for: event, failed: &failed))
+        for (registration, error) in failed {
+            outcome.failures.append(
+                await recordFailure(error, of: registration, event: event, deadLetter: deadLetterOnFailure))
+        }
+        return outcome
+    }
+
+    func recordFailure(_ error: any Error, of registration: Registration, event: CloudEvent, deadLetter: Bool) async
         -> HandlerFailure
     {
+        registration.failures.increment()
+        let handler = registration.name
         var attempts = 1
         var cause = error
         if let exhausted = error as? RetriesExhausted {
@@ -378,34 +497,10 @@ public final class EventBus: Sendable, Service {
     private func makeScheduler(_ strategy: DispatchStrategy) -> (any WorkScheduler)? {
         let capacity = configuration.queueCapacity
         let backPressure = configuration.backPressure
-        let run: WorkerPool<FIFOPolicy>.Runner = { [weak self] item, deadLetter in
-            guard let self else { return true }
-            let outcome = await self.runHandlers(
-                item.handlers, for: item.event, deadLetterOnFailure: deadLetter && item.deadLetterOnFailure)
-            item.completion?.completed(outcome)
-            return !outcome.failures.isEmpty
-        }
-        let onLate: @Sendable (WorkItem) async -> Void = { [weak self] item in
-            guard let self else { return }
-            self.logger.warning("late event dead-lettered", metadata: ["event.id": "\(item.event.id)"])
-            await self.configuration.deadLetters.deadLetter(
-                DeadLetter(
-                    event: item.event, handler: "event-time", reason: "late: older than the watermark", attempts: 0))
-            item.completion?.completed(
-                HandlerRunOutcome(
-                    failures: [HandlerFailure(handler: "event-time", error: LateEventError(), attempts: 0)], ran: 0))
-        }
-        let onDiscard: @Sendable (WorkItem, String) async -> Void = { [weak self] item, reason in
-            guard let self else { return }
-            for handler in item.handlers {
-                await self.configuration.deadLetters.deadLetter(
-                    DeadLetter(event: item.event, handler: handler.name, reason: reason, attempts: 1))
-            }
-        }
+        // The pool holds the bus strongly: `shutdown()` ends the workers and with them this reference.
+        let run = BusWorkRunner(bus: self)
         func pool<P: SchedulingPolicy>(_ policy: P) -> any WorkScheduler {
-            WorkerPool(
-                policy: policy, capacity: capacity, backPressure: backPressure, run: run, onLate: onLate,
-                onDiscard: onDiscard)
+            WorkerPool(policy: policy, capacity: capacity, backPressure: backPressure, runner: run)
         }
         switch strategy {
         case .immediate: return nil
@@ -416,6 +511,24 @@ public final class EventBus: Sendable, Service {
             return pool(EventTimePolicy(lateness: lateness, maxHold: maxHold, latePolicy: latePolicy))
         case .partitioned(let lanes, let park): return pool(PartitionedPolicy(lanes: lanes, parkFailingKeys: park))
         case .leastLoaded(let workers): return pool(LeastLoadedPolicy(workers: workers))
+        }
+    }
+
+    /// The event-time strategy refused a late event: dead-letter it (never drop it silently).
+    func refuseLate(_ item: WorkItem) async {
+        logger.warning("late event dead-lettered", metadata: ["event.id": "\(item.event.id)"])
+        await configuration.deadLetters.deadLetter(
+            DeadLetter(event: item.event, handler: "event-time", reason: "late: older than the watermark", attempts: 0))
+        item.completion?.completed(
+            HandlerRunOutcome(
+                failures: [HandlerFailure(handler: "event-time", error: LateEventError(), attempts: 0)], ran: 0))
+    }
+
+    /// A parked item was discarded (or the bus shut down with it parked): dead-letter it for each handler.
+    func discardParked(_ item: WorkItem, reason: String) async {
+        for handler in item.handlers {
+            await configuration.deadLetters.deadLetter(
+                DeadLetter(event: item.event, handler: handler.name, reason: reason, attempts: 1))
         }
     }
 
@@ -452,14 +565,11 @@ public final class EventBus: Sendable, Service {
         guard let link = configuration.transport else { return }
         let deliveries = try await link.transport.subscribe(
             topic: link.topic, group: link.group ?? source, options: link.options)
-        let task = Task { [weak self] in
+        let task = Task {
             do {
-                for try await delivery in deliveries {
-                    guard let self else { return }
-                    await self.accept(delivery, link: link)
-                }
+                for try await delivery in deliveries { await self.accept(delivery, link: link) }
             } catch {
-                self?.logger.error("transport subscription ended", metadata: ["error": "\(error)"])
+                self.logger.error("transport subscription ended", metadata: ["error": "\(error)"])
             }
         }
         state.withLock { $0.inbound.append(task) }
@@ -498,6 +608,8 @@ public final class EventBus: Sendable, Service {
         }
         await scheduler?.shutdown()
         for scheduler in own { await scheduler.shutdown() }
+        // The bus's pool held the bus (its runner); let both go.
+        state.withLock { $0.scheduler = nil }
     }
 
     /// Runs as a `Service`: starts the transport link, waits for graceful shutdown, then drains and stops.
@@ -506,6 +618,45 @@ public final class EventBus: Sendable, Service {
         try? await gracefulShutdown()
         await shutdown()
     }
+}
+
+/// Runs work items for a pool on behalf of a bus.
+struct BusWorkRunner: WorkRunner {
+    let bus: EventBus
+
+    func runSync(_ item: WorkItem, deadLetterOnFailure: Bool) -> SyncRunResult {
+        guard item.allSync else { return .needsAsync }
+        var failed: [(Registration, any Error)] = []
+        let ran = bus.runSyncHandlers(item.handlers, for: item.event, failed: &failed)
+        if failed.isEmpty {
+            item.completion?.completed(HandlerRunOutcome(failures: [], ran: ran))
+            return .succeeded
+        }
+        return .failed(failed, ran: ran)
+    }
+
+    func recordFailures(
+        _ failed: [(Registration, any Error)], ran: Int, of item: WorkItem, deadLetterOnFailure: Bool
+    ) async {
+        var outcome = HandlerRunOutcome(failures: [], ran: ran)
+        for (registration, error) in failed {
+            outcome.failures.append(
+                await bus.recordFailure(
+                    error, of: registration, event: item.event,
+                    deadLetter: deadLetterOnFailure && item.deadLetterOnFailure))
+        }
+        item.completion?.completed(outcome)
+    }
+
+    func run(_ item: WorkItem, deadLetterOnFailure: Bool) async -> Bool {
+        let outcome = await bus.runHandlers(
+            item.handlers, for: item.event, deadLetterOnFailure: deadLetterOnFailure && item.deadLetterOnFailure)
+        item.completion?.completed(outcome)
+        return !outcome.failures.isEmpty
+    }
+
+    func refuseLate(_ item: WorkItem) async { await bus.refuseLate(item) }
+    func discard(_ item: WorkItem, reason: String) async { await bus.discardParked(item, reason: reason) }
 }
 
 /// The event-time strategy refused an event older than one it already released.

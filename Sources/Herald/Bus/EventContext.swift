@@ -11,10 +11,12 @@ public struct EventContext: Sendable {
     public let event: CloudEvent
     /// The bus the handler is registered on.
     public let bus: EventBus
+    let registration: Registration
+
     /// The handler's name.
-    public let handler: String
+    public var handler: String { registration.name }
     /// The service the handler belongs to; responses are published with it as their `source`.
-    public let service: String
+    public var service: String { registration.service }
 
     /// Publishes a response event and waits for its handlers (or the transport's acknowledgement).
     @discardableResult

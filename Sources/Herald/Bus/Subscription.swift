@@ -37,7 +37,15 @@ public struct SubscriptionFilter: Sendable, Hashable, CustomStringConvertible {
 
 /// A handler with its composed middleware, as registered on a bus.
 final class Registration: Sendable {
-    typealias Body = @Sendable (CloudEvent, EventContext) async throws -> Void
+    typealias AsyncBody = @Sendable (CloudEvent, EventContext) async throws -> Void
+    typealias SyncBody = @Sendable (CloudEvent, EventContext) throws -> Void
+
+    /// The handler with its middleware composed in. A synchronous handler without middleware stays synchronous,
+    /// so publishing to it costs no async call.
+    enum Body: Sendable {
+        case sync(SyncBody)
+        case async(AsyncBody)
+    }
 
     let id: UInt64
     let name: String
@@ -45,13 +53,14 @@ final class Registration: Sendable {
     let priority: Int
     let service: String
     let body: Body
+    let isSync: Bool
     /// The subscription's own scheduler, when it has a strategy of its own.
     let scheduler: (any WorkScheduler)?
     let failures: Counter
     let cancelled = Atomic<Bool>(false)
 
     init(
-        id: UInt64, name: String, filter: SubscriptionFilter, priority: Int, service: String, body: @escaping Body,
+        id: UInt64, name: String, filter: SubscriptionFilter, priority: Int, service: String, body: Body,
         scheduler: (any WorkScheduler)?
     ) {
         self.id = id
@@ -60,6 +69,7 @@ final class Registration: Sendable {
         self.priority = priority
         self.service = service
         self.body = body
+        if case .sync = body { self.isSync = true } else { self.isSync = false }
         self.scheduler = scheduler
         self.failures = Counter(label: "herald_handler_failures_total", dimensions: [("handler", name)])
     }

@@ -5,6 +5,11 @@ import Synchronization
 /// with explicit back-pressure, N worker tasks that take items in batches (one lock round-trip per batch, not
 /// per event), drain, and shutdown.
 protocol WorkScheduler: Sendable {
+    /// Takes the item if there is room, without waiting.
+    func offer(_ item: WorkItem) -> OfferResult
+    /// Takes a prefix of the items under one lock; returns how many were taken.
+    func offer(contentsOf items: [WorkItem]) -> Int
+    /// Takes the item, waiting for room or refusing per the back-pressure policy.
     func enqueue(_ item: WorkItem) async throws(EventBusError)
     func drain() async -> Bool
     func shutdown() async
@@ -14,8 +19,6 @@ protocol WorkScheduler: Sendable {
 }
 
 final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
-    typealias Runner = @Sendable (_ item: WorkItem, _ deadLetterOnFailure: Bool) async -> Bool
-
     struct State: ~Copyable {
         var policy: Policy
         var waiting: [CheckedContinuation<Void, Never>?]
@@ -32,74 +35,77 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
     private let capacity: Int
     private let backPressure: BackPressure
     private let batchSize: Int
-    private let run: Runner
-    private let onLate: @Sendable (WorkItem) async -> Void
-    private let onDiscard: @Sendable (WorkItem, String) async -> Void
+    private let runner: any WorkRunner
     private let parks: Bool
 
-    init(
-        policy: Policy,
-        capacity: Int,
-        backPressure: BackPressure,
-        batchSize: Int = 128,
-        run: @escaping Runner,
-        onLate: @escaping @Sendable (WorkItem) async -> Void,
-        onDiscard: @escaping @Sendable (WorkItem, String) async -> Void
-    ) {
+    init(policy: Policy, capacity: Int, backPressure: BackPressure, batchSize: Int = 256, runner: any WorkRunner) {
         self.state = Mutex(State(policy: policy, waiting: Array(repeating: nil, count: policy.workerCount)))
         self.capacity = max(1, capacity)
         self.backPressure = backPressure
         self.batchSize = batchSize
-        self.run = run
-        self.onLate = onLate
-        self.onDiscard = onDiscard
+        self.runner = runner
         self.parks = policy.parksFailures
     }
 
-    private enum Admission {
-        case accepted(CheckedContinuation<Void, Never>?)
-        case late
-        case full
-        case closed
+    /// Admits one item under the lock; returns the worker to wake, if any.
+    private func admit(
+        _ item: WorkItem, _ state: inout State, now: UInt64
+    ) -> (OfferResult, CheckedContinuation<Void, Never>?) {
+        if state.closed { return (.closed, nil) }
+        if state.policy.queuedCount >= capacity { return (.full, nil) }
+        startWorkersIfNeeded(&state)
+        state.sequence += 1
+        var item = item
+        item.sequence = state.sequence
+        item.acceptedAt = now
+        switch state.policy.enqueue(item, now: now) {
+        case .late:
+            return (.late, nil)
+        case .parked:
+            return (.accepted, nil)
+        case .wake(let worker):
+            state.outstanding += 1
+            defer { state.waiting[worker] = nil }
+            return (.accepted, state.waiting[worker])
+        case .wakeAny:
+            state.outstanding += 1
+            for index in state.waiting.indices where state.waiting[index] != nil {
+                defer { state.waiting[index] = nil }
+                return (.accepted, state.waiting[index])
+            }
+            return (.accepted, nil)
+        }
+    }
+
+    func offer(_ item: WorkItem) -> OfferResult {
+        let now = monotonicNanoseconds()
+        let (result, wake) = state.withLock { admit(item, &$0, now: now) }
+        wake?.resume()
+        return result
+    }
+
+    func offer(contentsOf items: [WorkItem]) -> Int {
+        let now = monotonicNanoseconds()
+        var wakes: [CheckedContinuation<Void, Never>] = []
+        let taken = state.withLock { state -> Int in
+            for (index, item) in items.enumerated() {
+                let (result, wake) = admit(item, &state, now: now)
+                if let wake { wakes.append(wake) }
+                if result != .accepted { return index }
+            }
+            return items.count
+        }
+        for wake in wakes { wake.resume() }
+        return taken
     }
 
     func enqueue(_ item: WorkItem) async throws(EventBusError) {
-        var item = item
         while true {
-            let admission = state.withLock { state -> Admission in
-                if state.closed { return .closed }
-                if state.policy.queuedCount >= capacity { return .full }
-                startWorkersIfNeeded(&state)
-                state.sequence += 1
-                item.sequence = state.sequence
-                item.acceptedAt = monotonicNanoseconds()
-                let decision = state.policy.enqueue(item, now: item.acceptedAt)
-                switch decision {
-                case .late:
-                    return .late
-                case .parked:
-                    return .accepted(nil)
-                case .wake(let worker):
-                    state.outstanding += 1
-                    let continuation = state.waiting[worker]
-                    state.waiting[worker] = nil
-                    return .accepted(continuation)
-                case .wakeAny:
-                    state.outstanding += 1
-                    for index in state.waiting.indices where state.waiting[index] != nil {
-                        let continuation = state.waiting[index]
-                        state.waiting[index] = nil
-                        return .accepted(continuation)
-                    }
-                    return .accepted(nil)
-                }
-            }
-            switch admission {
-            case .accepted(let continuation):
-                continuation?.resume()
+            switch offer(item) {
+            case .accepted:
                 return
             case .late:
-                await onLate(item)
+                await runner.refuseLate(item)
                 return
             case .closed:
                 throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
@@ -189,7 +195,17 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
                     finished += 1
                     continue
                 }
-                let failed = await run(item, !parks || item.event.partitionkey == nil)
+                let deadLetter = !parks || item.event.partitionkey == nil
+                let failed: Bool
+                switch runner.runSync(item, deadLetterOnFailure: deadLetter) {
+                case .succeeded:
+                    failed = false
+                case .needsAsync:
+                    failed = await runner.run(item, deadLetterOnFailure: deadLetter)
+                case .failed(let failures, let ran):
+                    await runner.recordFailures(failures, ran: ran, of: item, deadLetterOnFailure: deadLetter)
+                    failed = true
+                }
                 if failed && parks && item.event.partitionkey != nil {
                     state.withLock { $0.policy.park(item) }
                 }
@@ -274,6 +290,6 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
 
     private func discard(key: String, reason: String) async {
         let items = state.withLock { $0.policy.discard(key: key) }
-        for item in items { await onDiscard(item, reason) }
+        for item in items { await runner.discard(item, reason: reason) }
     }
 }
