@@ -1,23 +1,17 @@
 /// A CloudEvents 1.0 envelope: the attributes every Herald event travels with, and its data.
 ///
-/// Required attributes (`id`, `source`, `type`, `specversion`) are stored inline; the optional ones live in a
-/// copy-on-write box that is only allocated when one is set, so publishing in process stays allocation-light.
+/// All attributes and the data live in one copy-on-write box, so passing an envelope around costs one reference
+/// count and mutating a shared one copies it first.
 /// The known extensions (`recipient`, `correlationid`, `causationid`, `partitionkey`, `traceparent`,
 /// `tracestate`) have typed properties; any other extension is in `extensions`.
 public struct CloudEvent: Sendable {
     /// The CloudEvents spec version Herald speaks.
     public static let specVersion = "1.0"
 
-    public var id: EventID
-    /// The producer (a URI-reference), for example the service name.
-    public var source: String
-    /// The stable event type name, for example `com.example.order.created`.
-    public var type: String
-    public var specversion: String
-    public var time: Timestamp?
-    public var data: EventData
+    /// Every attribute lives in one copy-on-write box, so copying an envelope (into a queue, a context, a
+    /// delivery) costs one reference count, whatever it carries.
     @usableFromInline
-    var optional: OptionalAttributes?
+    var storage: Storage
 
     /// An envelope with the required attributes; `time` defaults to now.
     public init(
@@ -27,90 +21,121 @@ public struct CloudEvent: Sendable {
         time: Timestamp? = .now(),
         data: EventData = .none
     ) {
-        self.id = id
-        self.source = source
-        self.type = type
-        self.specversion = CloudEvent.specVersion
-        self.time = time
-        self.data = data
-        self.optional = nil
+        storage = Storage(id: id, source: source, type: type, time: time, data: data)
+    }
+
+    /// An envelope for a typed event with a new id, the time now, and the event's own subject and partition key.
+    @inlinable
+    public init<E: Event>(_ event: E, source: String) {
+        storage = Storage(id: EventID(), source: source, type: E.eventType, time: .coarseNow(), data: .value(event))
+        if let subject = event.subject { storage.subject = subject }
+        if let key = event.partitionKey { storage.partitionkey = key }
     }
 
     /// An envelope for a typed event.
-    public init<E: Event>(_ event: E, source: String, attributes: EventAttributes = EventAttributes()) {
-        self.init(
-            id: attributes.id ?? EventID(),
-            source: source,
-            type: E.eventType,
-            time: attributes.time ?? .coarseNow(),
-            data: .value(event)
-        )
-        if let subject = attributes.subject ?? event.subject { self.subject = subject }
-        if let key = attributes.partitionKey ?? event.partitionKey { self.partitionkey = key }
-        if let recipient = attributes.recipient { self.recipient = recipient }
-        if let correlation = attributes.correlationID { self.correlationid = correlation }
-        if let causation = attributes.causationID { self.causationid = causation }
-        for (name, value) in attributes.extensions { self.extensions[name] = value }
-    }
-
-    // MARK: Optional attributes
-
-    public var subject: String? {
-        get { optional?.subject }
-        set { mutateOptional { $0.subject = newValue } }
-    }
-    public var datacontenttype: String? {
-        get { optional?.datacontenttype }
-        set { mutateOptional { $0.datacontenttype = newValue } }
-    }
-    public var dataschema: String? {
-        get { optional?.dataschema }
-        set { mutateOptional { $0.dataschema = newValue } }
-    }
-    /// The service this event is addressed to; nil for a broadcast.
-    public var recipient: String? {
-        get { optional?.recipient }
-        set { mutateOptional { $0.recipient = newValue } }
-    }
-    /// The conversation (for example one order's life) this event belongs to.
-    public var correlationid: String? {
-        get { optional?.correlationid }
-        set { mutateOptional { $0.correlationid = newValue } }
-    }
-    /// The id of the event whose handling produced this one.
-    public var causationid: String? {
-        get { optional?.causationid }
-        set { mutateOptional { $0.causationid = newValue } }
-    }
-    /// The key that orders events (per-key order) and picks their partition.
-    public var partitionkey: String? {
-        get { optional?.partitionkey }
-        set { mutateOptional { $0.partitionkey = newValue } }
-    }
-    /// W3C trace context.
-    public var traceparent: String? {
-        get { optional?.traceparent }
-        set { mutateOptional { $0.traceparent = newValue } }
-    }
-    public var tracestate: String? {
-        get { optional?.tracestate }
-        set { mutateOptional { $0.tracestate = newValue } }
-    }
-    /// Extensions other than the known ones. Names must be lowercase `[a-z0-9]`, at most 20 characters
-    /// recommended; `validate()` checks them.
-    public var extensions: [String: ExtensionValue] {
-        get { optional?.extensions ?? [:] }
-        set { mutateOptional { $0.extensions = newValue } }
+    public init<E: Event>(_ event: E, source: String, attributes: EventAttributes) {
+        storage = Storage(
+            id: attributes.id ?? EventID(), source: source, type: E.eventType, time: attributes.time ?? .coarseNow(),
+            data: .value(event))
+        storage.subject = attributes.subject ?? event.subject
+        storage.partitionkey = attributes.partitionKey ?? event.partitionKey
+        if attributes.recipient != nil || attributes.correlationID != nil || attributes.causationID != nil
+            || !attributes.extensions.isEmpty
+        {
+            let extras = Extras()
+            extras.recipient = attributes.recipient
+            extras.correlationid = attributes.correlationID
+            extras.causationid = attributes.causationID
+            extras.extensions = attributes.extensions
+            storage.extras = extras
+        }
     }
 
     @inlinable
-    mutating func mutateOptional(_ body: (OptionalAttributes) -> Void) {
-        if optional == nil {
-            optional = OptionalAttributes()
-        } else if !isKnownUniquelyReferenced(&optional!) {
-            optional = optional!.copy()
+    mutating func mutate(_ body: (Storage) -> Void) {
+        if !isKnownUniquelyReferenced(&storage) { storage = storage.copy() }
+        body(storage)
+    }
+
+    @inlinable
+    mutating func mutateExtras(_ body: (Extras) -> Void) {
+        mutate { storage in
+            if storage.extras == nil { storage.extras = Extras() }
+            body(storage.extras!)
         }
-        body(optional!)
+    }
+
+    public var id: EventID {
+        get { storage.id }
+        set { mutate { $0.id = newValue } }
+    }
+    /// The producer (a URI-reference), for example the service name.
+    public var source: String {
+        get { storage.source }
+        set { mutate { $0.source = newValue } }
+    }
+    /// The stable event type name, for example `com.example.order.created`.
+    public var type: String {
+        get { storage.type }
+        set { mutate { $0.type = newValue } }
+    }
+    public var specversion: String {
+        get { storage.specversion }
+        set { mutate { $0.specversion = newValue } }
+    }
+    public var time: Timestamp? {
+        get { storage.time }
+        set { mutate { $0.time = newValue } }
+    }
+    public var data: EventData {
+        get { storage.data }
+        set { mutate { $0.data = newValue } }
+    }
+    public var subject: String? {
+        get { storage.subject }
+        set { mutate { $0.subject = newValue } }
+    }
+    public var datacontenttype: String? {
+        get { storage.extras?.datacontenttype }
+        set { mutateExtras { $0.datacontenttype = newValue } }
+    }
+    public var dataschema: String? {
+        get { storage.extras?.dataschema }
+        set { mutateExtras { $0.dataschema = newValue } }
+    }
+    /// The service this event is addressed to; nil for a broadcast.
+    public var recipient: String? {
+        get { storage.extras?.recipient }
+        set { mutateExtras { $0.recipient = newValue } }
+    }
+    /// The conversation (for example one order's life) this event belongs to.
+    public var correlationid: String? {
+        get { storage.extras?.correlationid }
+        set { mutateExtras { $0.correlationid = newValue } }
+    }
+    /// The id of the event whose handling produced this one.
+    public var causationid: String? {
+        get { storage.extras?.causationid }
+        set { mutateExtras { $0.causationid = newValue } }
+    }
+    /// The key that orders events (per-key order) and picks their partition.
+    public var partitionkey: String? {
+        get { storage.partitionkey }
+        set { mutate { $0.partitionkey = newValue } }
+    }
+    /// W3C trace context.
+    public var traceparent: String? {
+        get { storage.extras?.traceparent }
+        set { mutateExtras { $0.traceparent = newValue } }
+    }
+    public var tracestate: String? {
+        get { storage.extras?.tracestate }
+        set { mutateExtras { $0.tracestate = newValue } }
+    }
+    /// Extensions other than the known ones. Names must be lowercase `[a-z0-9]`; `validate()` checks them.
+    public var extensions: [String: ExtensionValue] {
+        get { storage.extras?.extensions ?? [:] }
+        set { mutateExtras { $0.extensions = newValue } }
     }
 
     /// The names of the context attributes that are CloudEvents extensions Herald knows by name.
@@ -127,7 +152,7 @@ public struct CloudEvent: Sendable {
         case "partitionkey": return partitionkey.map(ExtensionValue.string)
         case "traceparent": return traceparent.map(ExtensionValue.string)
         case "tracestate": return tracestate.map(ExtensionValue.string)
-        default: return optional?.extensions[name]
+        default: return storage.extras?.extensions[name]
         }
     }
 
@@ -206,38 +231,71 @@ public struct CloudEvent: Sendable {
     ]
 }
 
-@usableFromInline
-final class OptionalAttributes: @unchecked Sendable {
-    // Safe: only mutated through `CloudEvent.mutateOptional`, which copies unless uniquely referenced,
-    // so a shared instance is never written to.
-    var subject: String?
-    var datacontenttype: String?
-    var dataschema: String?
-    var recipient: String?
-    var correlationid: String?
-    var causationid: String?
-    var partitionkey: String?
-    var traceparent: String?
-    var tracestate: String?
-    var extensions: [String: ExtensionValue] = [:]
+extension CloudEvent {
+    @usableFromInline
+    final class Storage: @unchecked Sendable {
+        // Safe: only mutated through `CloudEvent.mutate`, which copies unless uniquely referenced, so an instance
+        // shared between envelopes (and so possibly between threads) is never written to.
+        @usableFromInline var id: EventID
+        @usableFromInline var source: String
+        @usableFromInline var type: String
+        @usableFromInline var specversion: String
+        @usableFromInline var time: Timestamp?
+        @usableFromInline var data: EventData
+        @usableFromInline var subject: String?
+        @usableFromInline var partitionkey: String?
+        /// Attributes most events do not set, allocated only when one is.
+        @usableFromInline var extras: Extras?
+
+        @usableFromInline
+        init(id: EventID, source: String, type: String, time: Timestamp?, data: EventData) {
+            self.id = id
+            self.source = source
+            self.type = type
+            self.specversion = CloudEvent.specVersion
+            self.time = time
+            self.data = data
+        }
+
+        @usableFromInline
+        func copy() -> Storage {
+            let other = Storage(id: id, source: source, type: type, time: time, data: data)
+            other.specversion = specversion
+            other.subject = subject
+            other.partitionkey = partitionkey
+            other.extras = extras?.copy()
+            return other
+        }
+    }
 
     @usableFromInline
-    init() {}
+    final class Extras: @unchecked Sendable {
+        // Safe for the same reason as `Storage`: written only while uniquely referenced.
+        @usableFromInline var datacontenttype: String?
+        @usableFromInline var dataschema: String?
+        @usableFromInline var recipient: String?
+        @usableFromInline var correlationid: String?
+        @usableFromInline var causationid: String?
+        @usableFromInline var traceparent: String?
+        @usableFromInline var tracestate: String?
+        @usableFromInline var extensions: [String: ExtensionValue] = [:]
 
-    @usableFromInline
-    func copy() -> OptionalAttributes {
-        let other = OptionalAttributes()
-        other.subject = subject
-        other.datacontenttype = datacontenttype
-        other.dataschema = dataschema
-        other.recipient = recipient
-        other.correlationid = correlationid
-        other.causationid = causationid
-        other.partitionkey = partitionkey
-        other.traceparent = traceparent
-        other.tracestate = tracestate
-        other.extensions = extensions
-        return other
+        @usableFromInline
+        init() {}
+
+        @usableFromInline
+        func copy() -> Extras {
+            let other = Extras()
+            other.datacontenttype = datacontenttype
+            other.dataschema = dataschema
+            other.recipient = recipient
+            other.correlationid = correlationid
+            other.causationid = causationid
+            other.traceparent = traceparent
+            other.tracestate = tracestate
+            other.extensions = extensions
+            return other
+        }
     }
 }
 

@@ -143,6 +143,7 @@ public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible
     }
 
     /// The wall-clock time now at the kernel's tick resolution (a few milliseconds), cheaper than `now()`.
+    @usableFromInline
     static func coarseNow() -> Timestamp {
         var spec = timespec()
         #if os(Linux)

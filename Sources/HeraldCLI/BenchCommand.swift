@@ -34,6 +34,28 @@ struct BusBench: AsyncParsableCommand {
         let baseline = best { measureClosureLoop(events) }
         row("raw closure loop (baseline)", baseline, baseline)
 
+        if only == "parts" {
+            let n = events
+            var start = monotonicNanoseconds()
+            var sink = 0
+            for number in 0..<n {
+                let event = CloudEvent(BenchEvent(number: number, sentAt: 0), source: "bench")
+                sink &+= event.type.utf8.count
+            }
+            print("  envelope creation: \(Double(monotonicNanoseconds() - start) / Double(n)) ns")
+            start = monotonicNanoseconds()
+            for _ in 0..<n { sink &+= Int(truncatingIfNeeded: EventID().unixMilliseconds ?? 0) }
+            print("  EventID(): \(Double(monotonicNanoseconds() - start) / Double(n)) ns")
+            let event = CloudEvent(BenchEvent(number: 1, sentAt: 0), source: "bench")
+            start = monotonicNanoseconds()
+            for _ in 0..<n {
+                let copy = blackHole(event)
+                sink &+= copy.source.utf8.count
+            }
+            print("  envelope copy: \(Double(monotonicNanoseconds() - start) / Double(n)) ns")
+            print(sink > 0 ? "" : "-")
+            return
+        }
         if only == "all" || only == "publish" {
             try await runPublish(baseline)
         }
@@ -66,6 +88,20 @@ struct BusBench: AsyncParsableCommand {
             ),
             ("immediate (post inline)", .immediate, false),
         ]
+        if only != "latency" {
+            let batched = try await bestAsync {
+                try await measurePostBatches(.fifo(workers: 1), count: events, batch: 256)
+            }
+            row("fifo(workers: 1), batches of 256", batched, baseline)
+            let batched2 = try await bestAsync {
+                try await measurePostBatches(.fifo(workers: 2), count: events, batch: 256)
+            }
+            row("fifo(workers: 2), batches of 256", batched2, baseline)
+            let partitioned = try await bestAsync {
+                try await measurePostBatches(.partitioned(lanes: 2, parkFailingKeys: false), count: events, batch: 256)
+            }
+            row("partitioned(2), batches of 256", partitioned, baseline)
+        }
         for (name, strategy, keyed) in strategies where only != "latency" {
             let count = name.hasPrefix("priority") || name.hasPrefix("eventTime") ? events / 4 : events
             let rate = try await bestAsync { try await measurePost(strategy, count: count, keyed: keyed) }
@@ -135,6 +171,30 @@ func measurePost(_ strategy: DispatchStrategy, count: Int, keyed: Bool) async th
     let start = monotonicNanoseconds()
     for number in 0..<count {
         try await bus.post(BenchEvent(number: number, sentAt: 0, key: keyed ? keys[number & 63] : nil))
+    }
+    await bus.drain()
+    let elapsed = monotonicNanoseconds() - start
+    precondition(total.value == count)
+    await bus.shutdown()
+    return Double(count) / (Double(elapsed) / 1e9)
+}
+
+func measurePostBatches(_ strategy: DispatchStrategy, count: Int, batch: Int) async throws -> Double {
+    let bus = EventBus(configuration: .init(source: "bench", strategy: strategy, queueCapacity: 1 << 16))
+    let total = Counter()
+    bus.subscribe(BenchEvent.self) { _, _ in total.add(1) }
+    let keys = (0..<64).map { "key-\($0)" }
+    var events: [CloudEvent] = []
+    events.reserveCapacity(batch)
+    let start = monotonicNanoseconds()
+    var number = 0
+    while number < count {
+        events.removeAll(keepingCapacity: true)
+        for _ in 0..<min(batch, count - number) {
+            events.append(CloudEvent(BenchEvent(number: number, sentAt: 0, key: keys[number & 63]), source: "bench"))
+            number += 1
+        }
+        try await bus.post(contentsOf: events)
     }
     await bus.drain()
     let elapsed = monotonicNanoseconds() - start

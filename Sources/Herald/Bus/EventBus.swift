@@ -262,10 +262,14 @@ public final class EventBus: Sendable, Service {
     /// Publishes a typed event and waits until every matching handler has finished (or, when linked to a
     /// transport, until the transport acknowledged it).
     @discardableResult
-    public func publish<E: Event>(_ event: E, _ attributes: EventAttributes = EventAttributes()) async throws
-        -> PublishResult
-    {
-        try await publish(CloudEvent(event, source: source, attributes: attributes))
+    public func publish<E: Event>(_ event: E, _ attributes: EventAttributes) async throws -> PublishResult {
+        try await publish(CloudEvent(event, source: configuration.source, attributes: attributes))
+    }
+
+    /// Publishes a typed event with default attributes; see `publish(_:_:)`.
+    @discardableResult
+    public func publish<E: Event>(_ event: E) async throws -> PublishResult {
+        try await publish(CloudEvent(event, source: configuration.source))
     }
 
     /// Publishes an envelope and waits until every matching handler has finished (or, when linked to a
@@ -322,8 +326,14 @@ public final class EventBus: Sendable, Service {
     /// Posts a typed event: returns once it is accepted by the strategy's queue (or, linked, by the transport).
     /// - Throws: `EventBusError.queueFull` when the queue is full and back-pressure is `.reject`;
     ///   `EventBusError.shutDown` after shutdown.
-    public func post<E: Event>(_ event: E, _ attributes: EventAttributes = EventAttributes()) async throws {
-        try await post(CloudEvent(event, source: source, attributes: attributes), priority: attributes.priority)
+    public func post<E: Event>(_ event: E, _ attributes: EventAttributes) async throws {
+        try await post(
+            CloudEvent(event, source: configuration.source, attributes: attributes), priority: attributes.priority)
+    }
+
+    /// Posts a typed event with default attributes; see `post(_:_:)`.
+    public func post<E: Event>(_ event: E) async throws {
+        try await post(CloudEvent(event, source: configuration.source), priority: 0)
     }
 
     /// Posts an envelope; see `post(_:_:)`.
