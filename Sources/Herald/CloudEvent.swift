@@ -27,16 +27,16 @@ public struct CloudEvent: Sendable {
     /// An envelope for a typed event with a new id, the time now, and the event's own subject and partition key.
     @inlinable
     public init<E: Event>(_ event: E, source: String) {
-        storage = Storage(id: EventID(), source: source, type: E.eventType, time: .coarseNow(), data: .value(event))
+        storage = TypedStorage(id: EventID(), source: source, type: E.eventType, time: .coarseNow(), value: event)
         if let subject = event.subject { storage.subject = subject }
         if let key = event.partitionKey { storage.partitionkey = key }
     }
 
     /// An envelope for a typed event.
     public init<E: Event>(_ event: E, source: String, attributes: EventAttributes) {
-        storage = Storage(
+        storage = TypedStorage(
             id: attributes.id ?? EventID(), source: source, type: E.eventType, time: attributes.time ?? .coarseNow(),
-            data: .value(event))
+            value: event)
         storage.subject = attributes.subject ?? event.subject
         storage.partitionkey = attributes.partitionKey ?? event.partitionKey
         if attributes.recipient != nil || attributes.correlationID != nil || attributes.causationID != nil
@@ -89,7 +89,13 @@ public struct CloudEvent: Sendable {
     }
     public var data: EventData {
         get { storage.data }
-        set { mutate { $0.data = newValue } }
+        set {
+            // A typed box cannot hold other data: replace it with a plain one.
+            if storage is any TypedStorageMarker {
+                storage = storage.copy()
+            }
+            mutate { $0.data = newValue }
+        }
     }
     public var subject: String? {
         get { storage.subject }
@@ -232,8 +238,14 @@ public struct CloudEvent: Sendable {
 }
 
 extension CloudEvent {
+    /// The typed value, when this envelope carries one of type `E` (no cast through an existential).
+    @inlinable
+    public func typedValue<E: Event>(as type: E.Type) -> E? {
+        (storage as? TypedStorage<E>)?.value
+    }
+
     @usableFromInline
-    final class Storage: @unchecked Sendable {
+    class Storage: @unchecked Sendable {
         // Safe: only mutated through `CloudEvent.mutate`, which copies unless uniquely referenced, so an instance
         // shared between envelopes (and so possibly between threads) is never written to.
         @usableFromInline var id: EventID
@@ -241,7 +253,11 @@ extension CloudEvent {
         @usableFromInline var type: String
         @usableFromInline var specversion: String
         @usableFromInline var time: Timestamp?
-        @usableFromInline var data: EventData
+        @usableFromInline var plainData: EventData
+        @usableFromInline var data: EventData {
+            get { plainData }
+            set { plainData = newValue }
+        }
         @usableFromInline var subject: String?
         @usableFromInline var partitionkey: String?
         /// Attributes most events do not set, allocated only when one is.
@@ -254,9 +270,10 @@ extension CloudEvent {
             self.type = type
             self.specversion = CloudEvent.specVersion
             self.time = time
-            self.data = data
+            self.plainData = data
         }
 
+        /// A plain (untyped) copy; a typed value is boxed as `EventData.value` here.
         @usableFromInline
         func copy() -> Storage {
             let other = Storage(id: id, source: source, type: type, time: time, data: data)
@@ -265,6 +282,26 @@ extension CloudEvent {
             other.partitionkey = partitionkey
             other.extras = extras?.copy()
             return other
+        }
+    }
+
+    /// Storage that keeps a typed event value inline, so publishing in process allocates one object per event and
+    /// typed handlers read the value with a class check instead of an existential cast.
+    @usableFromInline
+    final class TypedStorage<E: Event>: Storage, TypedStorageMarker, @unchecked Sendable {
+        // Safe for the same reason as `Storage`; `value` is never written after init.
+        @usableFromInline let value: E
+
+        @usableFromInline
+        init(id: EventID, source: String, type: String, time: Timestamp?, value: E) {
+            self.value = value
+            super.init(id: id, source: source, type: type, time: time, data: .none)
+        }
+
+        @usableFromInline
+        override var data: EventData {
+            get { .value(value) }
+            set { preconditionFailure("typed storage is replaced before its data is set") }
         }
     }
 
@@ -298,6 +335,10 @@ extension CloudEvent {
         }
     }
 }
+
+/// Marks typed storage (whatever its type parameter) so setting `data` knows to replace it.
+@usableFromInline
+protocol TypedStorageMarker: AnyObject {}
 
 /// The value of a CloudEvents extension attribute (the JSON-representable CloudEvents types).
 public enum ExtensionValue: Sendable, Hashable, CustomStringConvertible {

@@ -65,6 +65,9 @@ public final class EventBus: Sendable, Service {
     struct State: ~Copyable {
         var registrations: [Registration] = []
         var routes: [String: Route] = [:]
+        /// The last route looked up: bursts of one type skip hashing the type name.
+        var lastType = ""
+        var lastRoute = Route()
         var nextID: UInt64 = 0
         /// The bus-wide scheduler for posted events; nil for `.immediate`.
         var scheduler: (any WorkScheduler)?
@@ -207,6 +210,7 @@ public final class EventBus: Sendable, Service {
             state.registrations.append(registration)
             state.registrations.sort(by: Registration.runsBefore)
             state.routes.removeAll(keepingCapacity: true)
+            state.lastType = ""
             return registration
         }
         return Subscription(registration: registration, bus: self)
@@ -217,13 +221,19 @@ public final class EventBus: Sendable, Service {
         state.withLock { state in
             state.registrations.removeAll { $0 === registration }
             state.routes.removeAll(keepingCapacity: true)
+            state.lastType = ""
         }
     }
 
     /// The handlers for a type name, in run order (cached until the next subscription change).
     private func route(for type: String) -> (Route, (any WorkScheduler)?, closed: Bool) {
         state.withLock { state in
-            if let route = state.routes[type] { return (route, state.scheduler, state.closed) }
+            if type == state.lastType { return (state.lastRoute, state.scheduler, state.closed) }
+            if let route = state.routes[type] {
+                state.lastType = type
+                state.lastRoute = route
+                return (route, state.scheduler, state.closed)
+            }
             var route = Route()
             for registration in state.registrations where registration.filter.matches(type) {
                 if registration.scheduler == nil {
@@ -238,7 +248,9 @@ public final class EventBus: Sendable, Service {
         }
     }
 
+    @inline(__always)
     static func typedValue<E: Event>(_ type: E.Type, of event: CloudEvent) throws -> E {
+        if let value = event.typedValue(as: E.self) { return value }
         switch event.data {
         case .value(let value as E):
             return value
@@ -276,6 +288,7 @@ public final class EventBus: Sendable, Service {
     /// transport, until the transport acknowledged it).
     /// - Throws: the transport's error when linked.
     @discardableResult
+    @inline(__always)
     public func publish(_ event: CloudEvent) async throws -> PublishResult {
         published.increment()
         if let link = configuration.transport {
