@@ -36,7 +36,7 @@ struct CloudEventTests {
             decoded.partitionkey == "k" && decoded.traceparent == event.traceparent && decoded.tracestate == "vendor=1")
         #expect(decoded.extensions == ["tenant": .string("acme"), "retries": .integer(-3), "urgent": .boolean(true)])
         #expect(decoded.datacontenttype == "application/json")
-        let greeting = try #require(try EventRegistryTests.registry().decode(decoded))
+        let greeting = try EventRegistryTests.registry().decode(decoded)
         guard case .known(let value as Greeting, _) = greeting else {
             Issue.record("not decoded as Greeting")
             return
