@@ -56,6 +56,7 @@ struct DemoCommand: AsyncParsableCommand {
         print(
             "  latency     p50 \(format(seconds(report.latencyP50) * 1000, 3)) ms, p99 \(format(seconds(report.latencyP99) * 1000, 3)) ms (order placed → customer notified)"
         )
+        print("  redelivered \(report.redeliveries) (handler failures retried by the transport)")
         print("  stock       \(report.reservedStockLeft) reserved (expected \(report.expectedReservedStock))")
         print(
             "  notified    \(orders - report.missingNotifications) of \(orders), \(report.duplicateNotifications) duplicates"

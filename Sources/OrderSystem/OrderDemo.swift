@@ -54,6 +54,8 @@ public enum OrderDemo {
         public let reservedStockLeft: Int
         public let expectedReservedStock: Int
         public let events: Int
+        /// Deliveries the transport made again after a nack or an ack timeout (0 in process).
+        public let redeliveries: Int
         public let elapsed: Duration
         public let latencyP50: Duration
         public let latencyP99: Duration
@@ -152,13 +154,26 @@ public enum OrderDemo {
                 next += 1
             }
         }
-        // Wait until every customer has heard how their order ended (or the timeout).
+        // Wait until every customer has heard how their order ended and the orders service has recorded it (or the
+        // timeout), then until the transport has nothing left in flight, so the counts below are final.
         let deadline = clock.now + options.timeout
-        while notified.withLock({ $0 }) < ids.count && clock.now < deadline {
-            try await Task.sleep(for: .milliseconds(2))
+        func settled() -> Bool {
+            guard notified.withLock({ $0 }) >= ids.count else { return false }
+            guard orders.statuses.values.allSatisfy({ $0 != .pending }) else { return false }
+            guard options.topology == .memory else { return true }
+            return ["orders", "payments", "shipping", "notifications", "audit"].allSatisfy { group in
+                guard let status = transport.groupStatus(topic: "orders", group: group) else { return true }
+                return status.lag == 0 && status.pending == 0
+            }
+        }
+        while !settled() && clock.now < deadline {
+            try await Task.sleep(for: .milliseconds(1))
         }
         let elapsed = clock.now - started
         for bus in buses { await bus.drain() }
+        let redelivered = ["orders", "payments", "shipping", "notifications", "audit"].reduce(0) {
+            $0 + (transport.groupStatus(topic: "orders", group: $1)?.redelivered ?? 0)
+        }
         // The audit log may still be catching up with the last events.
         for bus in buses { await bus.shutdown() }
         await transport.shutdown()
@@ -187,7 +202,8 @@ public enum OrderDemo {
             options: options, byStatus: byStatus, wrongOrders: wrong,
             missingNotifications: ids.count - sent.count, duplicateNotifications: notifications.duplicateNotifications,
             reservedStockLeft: orders.reservedStock, expectedReservedStock: byStatus[.completed] ?? 0,
-            events: eventCount.withLock { $0 }, elapsed: elapsed, latencyP50: percentile(0.50),
+            events: eventCount.withLock { $0 }, redeliveries: redelivered, elapsed: elapsed,
+            latencyP50: percentile(0.50),
             latencyP99: percentile(0.99),
             timelines: ids.prefix(options.timelineOrders).map { ($0, statuses[$0], traces[$0] ?? []) })
     }

@@ -176,7 +176,7 @@ public final class InMemoryTransport: EventTransport {
             guard !state.closed else { throw TransportError(.shutDown, "the transport is shut down") }
             var topic = state.topics.removeValue(forKey: name) ?? newTopic()
             var group =
-                topic.groups[groupName]
+                topic.groups.removeValue(forKey: groupName)
                 ?? Group(
                     options: options,
                     cursors: options.start == .earliest
@@ -209,10 +209,12 @@ public final class InMemoryTransport: EventTransport {
         state.withLock { state in
             let now = monotonicNanoseconds()
             for name in Array(state.topics.keys) {
-                guard var topic = state.topics[name] else { continue }
+                // Take values out of their containers while mutating them: a copy left behind would make every
+                // mutation copy the whole dictionary (copy-on-write).
+                guard var topic = state.topics.removeValue(forKey: name) else { continue }
                 var deadLetters: [CloudEvent] = []
                 for groupName in Array(topic.groups.keys) {
-                    var group = topic.groups[groupName]!
+                    var group = topic.groups.removeValue(forKey: groupName)!
                     let expired = group.pending.filter { $0.value.deadline <= now }
                     for (position, pending) in expired {
                         group.pending.removeValue(forKey: position)
@@ -268,7 +270,7 @@ public final class InMemoryTransport: EventTransport {
         guard var topic = state.topics.removeValue(forKey: name) else { return }
         defer { state.topics[name] = topic }
         for groupName in Array(topic.groups.keys) {
-            var group = topic.groups[groupName]!
+            var group = topic.groups.removeValue(forKey: groupName)!
             defer { topic.groups[groupName] = group }
             guard !group.memberOrder.isEmpty else { continue }
             var outgoing: [Int: [Delivery]] = [:]
@@ -350,13 +352,14 @@ public final class InMemoryTransport: EventTransport {
 
     private func memberLeft(topic name: String, group groupName: String, member: Int) {
         state.withLock { state in
-            guard var topic = state.topics[name], var group = topic.groups[groupName] else { return }
+            guard var topic = state.topics.removeValue(forKey: name) else { return }
+            defer { state.topics[name] = topic }
+            guard var group = topic.groups.removeValue(forKey: groupName) else { return }
             group.members.removeValue(forKey: member)
             group.memberOrder.removeAll { $0 == member }
             // Its unsettled deliveries stay pending: it may still settle them, and the ack wait hands any it does
             // not settle to the other members.
             topic.groups[groupName] = group
-            state.topics[name] = topic
         }
     }
 
@@ -365,8 +368,8 @@ public final class InMemoryTransport: EventTransport {
     func settle(_ delivery: Delivery, _ settlement: Settlement, topic name: String, group groupName: String) throws {
         try state.withLock { state throws(TransportError) in
             let position = Position(partition: delivery.partition, offset: delivery.offset)
-            guard var topic = state.topics[name], var group = topic.groups[groupName],
-                let pending = group.pending[position], pending.attempt == delivery.attempt
+            guard let pending = state.topics[name]?.groups[groupName]?.pending[position],
+                pending.attempt == delivery.attempt
             else {
                 throw TransportError(
                     .staleAck,
@@ -374,6 +377,8 @@ public final class InMemoryTransport: EventTransport {
                 )
             }
             let now = monotonicNanoseconds()
+            var topic = state.topics.removeValue(forKey: name)!
+            var group = topic.groups.removeValue(forKey: groupName)!
             group.pending.removeValue(forKey: position)
             group.members[pending.member]?.inFlight -= 1
             var deadLetters: [CloudEvent] = []
