@@ -368,17 +368,23 @@ public final class InMemoryTransport: EventTransport {
     func settle(_ delivery: Delivery, _ settlement: Settlement, topic name: String, group groupName: String) throws {
         try state.withLock { state throws(TransportError) in
             let position = Position(partition: delivery.partition, offset: delivery.offset)
-            guard let pending = state.topics[name]?.groups[groupName]?.pending[position],
-                pending.attempt == delivery.attempt
-            else {
+            // Take the topic and group out first (no copy left behind to make the mutations below copy-on-write).
+            let now = monotonicNanoseconds()
+            guard var topic = state.topics.removeValue(forKey: name) else {
+                throw TransportError(.staleAck, "topic '\(name)' no longer exists")
+            }
+            guard var group = topic.groups.removeValue(forKey: groupName) else {
+                state.topics[name] = topic
+                throw TransportError(.staleAck, "group '\(groupName)' no longer exists")
+            }
+            guard let pending = group.pending[position], pending.attempt == delivery.attempt else {
+                topic.groups[groupName] = group
+                state.topics[name] = topic
                 throw TransportError(
                     .staleAck,
                     "delivery \(delivery.partition)/\(delivery.offset) attempt \(delivery.attempt) is no longer pending"
                 )
             }
-            let now = monotonicNanoseconds()
-            var topic = state.topics.removeValue(forKey: name)!
-            var group = topic.groups.removeValue(forKey: groupName)!
             group.pending.removeValue(forKey: position)
             group.members[pending.member]?.inFlight -= 1
             var deadLetters: [CloudEvent] = []
