@@ -12,6 +12,10 @@ import Synchronization
 ///
 /// Failures never stop other handlers: they are reported in `PublishResult`, logged, counted in metrics
 /// (`herald_handler_failures_total`), and sent to the dead-letter sink.
+///
+/// Lifecycle: the workers of a queued strategy start with the first posted event and hold the bus until
+/// `shutdown()`, which finishes every accepted event and stops them. Run the bus as a `Service` (its `run()` shuts
+/// down on graceful shutdown) or call `shutdown()` yourself.
 public final class EventBus: Sendable, Service {
     /// How a bus is set up.
     public struct Configuration: Sendable {
@@ -76,6 +80,8 @@ public final class EventBus: Sendable, Service {
     }
 
     public let configuration: Configuration
+    /// Whether a transport is linked (checked on every publish without copying the link).
+    private let isLinked: Bool
     /// The registry that decodes incoming events; every subscribed event type is registered in it.
     public let registry = EventRegistry()
     private let state = Mutex(State())
@@ -87,6 +93,7 @@ public final class EventBus: Sendable, Service {
 
     public init(configuration: Configuration) {
         self.configuration = configuration
+        self.isLinked = configuration.transport != nil
         let scheduler = makeScheduler(configuration.strategy)
         state.withLock { $0.scheduler = scheduler }
     }
@@ -107,6 +114,7 @@ public final class EventBus: Sendable, Service {
     ///   - strategy: a strategy of this subscription's own for posted events, instead of the bus's.
     ///   - middleware: middleware around this handler only (inside the bus's middleware).
     @discardableResult
+    @inlinable
     public func subscribe<E: Event>(
         _ type: E.Type,
         name: String? = nil,
@@ -126,6 +134,7 @@ public final class EventBus: Sendable, Service {
     /// Subscribes a synchronous closure to one event type; without middleware it runs with no async overhead.
     /// Parameters as for the asynchronous variant.
     @discardableResult
+    @inlinable
     public func subscribe<E: Event>(
         _ type: E.Type,
         name: String? = nil,
@@ -176,7 +185,8 @@ public final class EventBus: Sendable, Service {
             strategy: strategy, middleware: middleware, body: .async(handler))
     }
 
-    private func registerType<E: Event>(_ type: E.Type) {
+    @usableFromInline
+    func registerType<E: Event>(_ type: E.Type) {
         do {
             try registry.register(E.self)
         } catch {
@@ -184,7 +194,8 @@ public final class EventBus: Sendable, Service {
         }
     }
 
-    private func register(
+    @usableFromInline
+    func register(
         filter: SubscriptionFilter, name: String, priority: Int, service: String?, strategy: DispatchStrategy?,
         middleware: [any EventMiddleware], body: Registration.Body
     ) -> Subscription {
@@ -225,30 +236,43 @@ public final class EventBus: Sendable, Service {
         }
     }
 
-    /// The handlers for a type name, in run order (cached until the next subscription change).
+    /// The handlers for a type name, in run order.
+    private func handlers(for type: String) -> Route {
+        state.withLock { state in
+            if type == state.lastType { return state.lastRoute }
+            return cachedRoute(for: type, &state)
+        }
+    }
+
+    /// The cached route for a type name (computed on first use after a subscription change).
+    private func cachedRoute(for type: String, _ state: inout State) -> Route {
+        if let route = state.routes[type] {
+            state.lastType = type
+            state.lastRoute = route
+            return route
+        }
+        var route = Route()
+        for registration in state.registrations where registration.filter.matches(type) {
+            if registration.scheduler == nil {
+                route.shared.append(registration)
+                route.allSync = route.allSync && registration.isSync
+            } else {
+                route.own.append(registration)
+            }
+        }
+        state.routes[type] = route
+        return route
+    }
+
+    /// The handlers for a type name, the bus scheduler, and whether the bus is closed, in one lock round-trip.
     private func route(for type: String) -> (Route, (any WorkScheduler)?, closed: Bool) {
         state.withLock { state in
-            if type == state.lastType { return (state.lastRoute, state.scheduler, state.closed) }
-            if let route = state.routes[type] {
-                state.lastType = type
-                state.lastRoute = route
-                return (route, state.scheduler, state.closed)
-            }
-            var route = Route()
-            for registration in state.registrations where registration.filter.matches(type) {
-                if registration.scheduler == nil {
-                    route.shared.append(registration)
-                    route.allSync = route.allSync && registration.isSync
-                } else {
-                    route.own.append(registration)
-                }
-            }
-            state.routes[type] = route
+            let route = type == state.lastType ? state.lastRoute : cachedRoute(for: type, &state)
             return (route, state.scheduler, state.closed)
         }
     }
 
-    @inline(__always)
+    @inlinable
     static func typedValue<E: Event>(_ type: E.Type, of event: CloudEvent) throws -> E {
         if let value = event.typedValue(as: E.self) { return value }
         switch event.data {
@@ -280,6 +304,7 @@ public final class EventBus: Sendable, Service {
 
     /// Publishes a typed event with default attributes; see `publish(_:_:)`.
     @discardableResult
+    @inlinable
     public func publish<E: Event>(_ event: E) async throws -> PublishResult {
         try await publish(CloudEvent(event, source: configuration.source))
     }
@@ -291,11 +316,11 @@ public final class EventBus: Sendable, Service {
     @inline(__always)
     public func publish(_ event: CloudEvent) async throws -> PublishResult {
         published.increment()
-        if let link = configuration.transport {
+        if isLinked, let link = configuration.transport {
             let acks = try await link.transport.publish([event], to: link.topic)
             return PublishResult(eventID: event.id, ran: [], failures: [], acknowledgement: acks.first)
         }
-        let (route, _, _) = route(for: event.type)
+        let route = handlers(for: event.type)
         if route.own.isEmpty && route.allSync {
             // The fast path: synchronous handlers only, no async call, no allocation when all succeed.
             var failed: [(Registration, any Error)] = []
@@ -345,6 +370,7 @@ public final class EventBus: Sendable, Service {
     }
 
     /// Posts a typed event with default attributes; see `post(_:_:)`.
+    @inlinable
     public func post<E: Event>(_ event: E) async throws {
         try await post(CloudEvent(event, source: configuration.source), priority: 0)
     }
@@ -352,7 +378,7 @@ public final class EventBus: Sendable, Service {
     /// Posts an envelope; see `post(_:_:)`.
     public func post(_ event: CloudEvent, priority: Int = 0) async throws {
         posted.increment()
-        if let link = configuration.transport {
+        if isLinked, let link = configuration.transport {
             _ = try await link.transport.publish([event], to: link.topic)
             return
         }

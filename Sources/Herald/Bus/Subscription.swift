@@ -36,12 +36,16 @@ public struct SubscriptionFilter: Sendable, Hashable, CustomStringConvertible {
 }
 
 /// A handler with its composed middleware, as registered on a bus.
+@usableFromInline
 final class Registration: Sendable {
+    @usableFromInline
     typealias AsyncBody = @Sendable (CloudEvent, EventContext) async throws -> Void
+    @usableFromInline
     typealias SyncBody = @Sendable (CloudEvent, EventContext) throws -> Void
 
     /// The handler with its middleware composed in. A synchronous handler without middleware stays synchronous,
     /// so publishing to it costs no async call.
+    @usableFromInline
     enum Body: Sendable {
         case sync(SyncBody)
         case async(AsyncBody)
