@@ -2,15 +2,24 @@ import Herald
 
 // The order system's contract: the only thing its services share. Type names are stable wire names.
 
+/// An event about one order: keyed and subject-ed by its order id, so each order's events keep their order and
+/// its timeline can be followed.
+public protocol OrderEvent: Event {
+    var orderID: String { get }
+}
+
+extension OrderEvent {
+    public var partitionKey: String? { orderID }
+    public var subject: String? { orderID }
+}
+
 /// A customer placed an order; stock is reserved for it.
-public struct OrderCreated: Event, Hashable {
+public struct OrderCreated: OrderEvent, Hashable {
     public static let eventType = "com.herald.orders.order.created"
     public var orderID: String
     public var customer: String
     public var amountCents: Int
     public var items: Int
-    public var partitionKey: String? { orderID }
-    public var subject: String? { orderID }
 
     public init(orderID: String, customer: String, amountCents: Int, items: Int) {
         self.orderID = orderID
@@ -21,13 +30,11 @@ public struct OrderCreated: Event, Hashable {
 }
 
 /// The payment for an order went through.
-public struct OrderPaid: Event, Hashable {
+public struct OrderPaid: OrderEvent, Hashable {
     public static let eventType = "com.herald.orders.order.paid"
     public var orderID: String
     public var paymentID: String
     public var amountCents: Int
-    public var partitionKey: String? { orderID }
-    public var subject: String? { orderID }
 
     public init(orderID: String, paymentID: String, amountCents: Int) {
         self.orderID = orderID
@@ -37,12 +44,10 @@ public struct OrderPaid: Event, Hashable {
 }
 
 /// The payment for an order was declined.
-public struct PaymentFailed: Event, Hashable {
+public struct PaymentFailed: OrderEvent, Hashable {
     public static let eventType = "com.herald.orders.payment.failed"
     public var orderID: String
     public var reason: String
-    public var partitionKey: String? { orderID }
-    public var subject: String? { orderID }
 
     public init(orderID: String, reason: String) {
         self.orderID = orderID
@@ -51,12 +56,10 @@ public struct PaymentFailed: Event, Hashable {
 }
 
 /// The order left the warehouse.
-public struct OrderShipped: Event, Hashable {
+public struct OrderShipped: OrderEvent, Hashable {
     public static let eventType = "com.herald.orders.order.shipped"
     public var orderID: String
     public var trackingNumber: String
-    public var partitionKey: String? { orderID }
-    public var subject: String? { orderID }
 
     public init(orderID: String, trackingNumber: String) {
         self.orderID = orderID
@@ -65,11 +68,9 @@ public struct OrderShipped: Event, Hashable {
 }
 
 /// The order is done: paid and shipped.
-public struct OrderCompleted: Event, Hashable {
+public struct OrderCompleted: OrderEvent, Hashable {
     public static let eventType = "com.herald.orders.order.completed"
     public var orderID: String
-    public var partitionKey: String? { orderID }
-    public var subject: String? { orderID }
 
     public init(orderID: String) {
         self.orderID = orderID
@@ -77,12 +78,10 @@ public struct OrderCompleted: Event, Hashable {
 }
 
 /// The order was cancelled; its stock reservation is released (compensation).
-public struct OrderCancelled: Event, Hashable {
+public struct OrderCancelled: OrderEvent, Hashable {
     public static let eventType = "com.herald.orders.order.cancelled"
     public var orderID: String
     public var reason: String
-    public var partitionKey: String? { orderID }
-    public var subject: String? { orderID }
 
     public init(orderID: String, reason: String) {
         self.orderID = orderID
@@ -92,12 +91,10 @@ public struct OrderCancelled: Event, Hashable {
 
 /// A command to the payments service (addressed with `recipient`): refund a payment that arrived for an order
 /// that was already cancelled (compensation).
-public struct RefundPayment: Event, Hashable {
+public struct RefundPayment: OrderEvent, Hashable {
     public static let eventType = "com.herald.orders.payment.refund"
     public var orderID: String
     public var paymentID: String
-    public var partitionKey: String? { orderID }
-    public var subject: String? { orderID }
 
     public init(orderID: String, paymentID: String) {
         self.orderID = orderID
