@@ -185,6 +185,16 @@ struct EventBusTests {
         } throws: { ($0 as? EventBusError)?.code == .shutDown }
     }
 
+    @Test func shutdownAlsoFinishesWhatHandlersPostMeanwhile() async throws {
+        let bus = EventBus(source: "test", strategy: .fifo(workers: 2))
+        let pongs = Recorder<Int>()
+        bus.subscribe(Ping.self) { ping, context in try await context.post(Pong(number: ping.number)) }
+        bus.subscribe(Pong.self) { pong, _ in pongs.append(pong.number) }
+        for number in 0..<300 { try await bus.post(Ping(number: number)) }
+        await bus.shutdown()
+        #expect(pongs.count == 300)
+    }
+
     @Test func failuresAreCountedInMetrics() async throws {
         try await TestBootstrap.metrics { metrics in
             let bus = EventBus(source: "test", strategy: .immediate)

@@ -234,6 +234,10 @@ public final class EventBus: Sendable, Service {
             state.routes.removeAll(keepingCapacity: true)
             state.lastType = ""
         }
+        // A strategy of its own has workers: let them finish what was queued (skipped: cancelled), then stop.
+        if let scheduler = registration.scheduler {
+            Task { await scheduler.shutdown() }
+        }
     }
 
     /// The handlers for a type name, in run order.
@@ -646,11 +650,14 @@ public final class EventBus: Sendable, Service {
     /// Stops accepting events, finishes everything accepted, stops the workers. Parked events are dead-lettered.
     public func shutdown() async {
         let inbound = state.withLock { state -> [Task<Void, Never>] in
-            state.closed = true
             defer { state.inbound.removeAll() }
             return state.inbound
         }
+        // Stop taking deliveries (unsettled ones go back to the transport), finish what was accepted — including
+        // what its handlers post — and only then refuse new events.
         for task in inbound { task.cancel() }
+        await drain()
+        state.withLock { $0.closed = true }
         await drain()
         let (scheduler, own) = state.withLock { state in
             (state.scheduler, state.registrations.compactMap(\.scheduler))
