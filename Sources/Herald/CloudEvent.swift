@@ -202,7 +202,7 @@ public struct CloudEvent: Sendable {
 
     /// Checks the required attributes and every extension name; throws the first problem found.
     public func validate() throws(CloudEventError) {
-        if description(of: id).isEmpty { throw CloudEventError(.missingAttribute, attribute: "id", "'id' is empty") }
+        if id.description.isEmpty { throw CloudEventError(.missingAttribute, attribute: "id", "'id' is empty") }
         if source.isEmpty { throw CloudEventError(.missingAttribute, attribute: "source", "'source' is empty") }
         if type.isEmpty { throw CloudEventError(.missingAttribute, attribute: "type", "'type' is empty") }
         if specversion != CloudEvent.specVersion {
@@ -212,8 +212,6 @@ public struct CloudEvent: Sendable {
         }
         for name in extensions.keys { try CloudEvent.validateExtensionName(name) }
     }
-
-    private func description(of id: EventID) -> String { id.description }
 
     /// Checks a CloudEvents attribute name: lowercase ASCII letters and digits only, not empty.
     public static func validateExtensionName(_ name: String) throws(CloudEventError) {
