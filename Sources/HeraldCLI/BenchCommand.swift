@@ -26,7 +26,7 @@ struct BusBench: AsyncParsableCommand {
     @Option(help: "Events per measurement.") var events = 2_000_000
     @Option(help: "Repetitions; the best is reported.") var repeats = 3
     @Option(help: "Events per second for the latency measurements.") var rate = 20_000
-    @Option(help: "Which parts to run: all, publish, post, latency.") var only = "all"
+    @Option(help: "Which parts to run: all, publish, post, latency (or batch, parts).") var only = "all"
 
     func run() async throws {
         print("herald bench bus — \(events) events per run, best of \(repeats)")
@@ -59,7 +59,7 @@ struct BusBench: AsyncParsableCommand {
         if only == "all" || only == "publish" {
             try await runPublish(baseline)
         }
-        if only == "all" || only == "post" || only == "latency" {
+        if only == "all" || only == "post" || only == "latency" || only == "batch" {
             try await runPost(baseline)
         }
     }
@@ -88,6 +88,11 @@ struct BusBench: AsyncParsableCommand {
             ),
             ("immediate (post inline)", .immediate, false),
         ]
+        if only == "batch" {
+            let batched = try await bestAsync { try await measurePostBatches(.fifo(workers: 1), count: events, batch: 256) }
+            row("fifo(workers: 1), batches of 256", batched, baseline)
+            return
+        }
         if only != "latency" {
             let batched = try await bestAsync {
                 try await measurePostBatches(.fifo(workers: 1), count: events, batch: 256)
