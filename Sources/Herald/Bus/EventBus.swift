@@ -80,6 +80,8 @@ public final class EventBus: Sendable, Service {
     }
 
     public let configuration: Configuration
+    /// Changes with every subscription change; workers' route caches compare against it.
+    let subscriptionGeneration = Atomic<UInt64>(0)
     /// Whether a transport is linked (checked on every publish without copying the link).
     private let isLinked: Bool
     /// The registry that decodes incoming events; every subscribed event type is registered in it.
@@ -222,6 +224,7 @@ public final class EventBus: Sendable, Service {
             state.registrations.sort(by: Registration.runsBefore)
             state.routes.removeAll(keepingCapacity: true)
             state.lastType = ""
+            subscriptionGeneration.add(1, ordering: .releasing)
             return registration
         }
         return Subscription(registration: registration, bus: self)
@@ -233,11 +236,29 @@ public final class EventBus: Sendable, Service {
             state.registrations.removeAll { $0 === registration }
             state.routes.removeAll(keepingCapacity: true)
             state.lastType = ""
+            subscriptionGeneration.add(1, ordering: .releasing)
         }
         // A strategy of its own has workers: let them finish what was queued (skipped: cancelled), then stop.
         if let scheduler = registration.scheduler {
             Task { await scheduler.shutdown() }
         }
+    }
+
+    /// The shared handlers of a work item, through a worker's route cache.
+    @inline(__always)
+    func handlers(of item: WorkItem, routes: inout RouteCache) -> (handlers: [Registration], allSync: Bool) {
+        if let handlers = item.handlers {
+            var allSync = true
+            for handler in handlers where !handler.isSync { allSync = false }
+            return (handlers, allSync)
+        }
+        let generation = subscriptionGeneration.load(ordering: .acquiring)
+        if routes.generation != generation || routes.type != item.event.type {
+            let route = handlers(for: item.event.type)
+            routes = RouteCache(
+                type: item.event.type, generation: generation, handlers: route.shared, allSync: route.allSync)
+        }
+        return (routes.handlers, routes.allSync)
     }
 
     /// The handlers for a type name, in run order.
@@ -389,7 +410,7 @@ public final class EventBus: Sendable, Service {
         let (route, scheduler, closed) = route(for: event.type)
         if !closed, route.own.isEmpty, !route.shared.isEmpty, let scheduler {
             // The fast path: one lock round-trip, no async call.
-            let item = WorkItem(event: event, handlers: route.shared, priority: priority, completion: nil)
+            let item = WorkItem(event: event, handlers: nil, priority: priority, completion: nil)
             if scheduler.offer(item) == .accepted { return }
         }
         try await schedule(event, priority: priority, completion: nil, deadLetterOnFailure: true)
@@ -417,8 +438,7 @@ public final class EventBus: Sendable, Service {
             let type = events[index].type
             pending.removeAll(keepingCapacity: true)
             while index < events.count && events[index].type == type {
-                pending.append(
-                    WorkItem(event: events[index], handlers: route.shared, priority: priority, completion: nil))
+                pending.append(WorkItem(event: events[index], handlers: nil, priority: priority, completion: nil))
                 index += 1
             }
             let accepted = scheduler.offer(contentsOf: pending)
@@ -450,7 +470,7 @@ public final class EventBus: Sendable, Service {
         let target: (any WorkCompletion)? = parts == 1 ? completion : completion.map { SplitCompletion(parts, $0) }
         if !route.shared.isEmpty {
             if let scheduler {
-                var item = WorkItem(event: event, handlers: route.shared, priority: priority, completion: target)
+                var item = WorkItem(event: event, handlers: nil, priority: priority, completion: target)
                 item.deadLetterOnFailure = deadLetterOnFailure
                 try await scheduler.enqueue(item)
             } else {
@@ -579,7 +599,7 @@ public final class EventBus: Sendable, Service {
 
     /// A parked item was discarded (or the bus shut down with it parked): dead-letter it for each handler.
     func discardParked(_ item: WorkItem, reason: String) async {
-        for handler in item.handlers {
+        for handler in item.handlers ?? handlers(for: item.event.type).shared {
             await configuration.deadLetters.deadLetter(
                 DeadLetter(event: item.event, handler: handler.name, reason: reason, attempts: 1))
         }
@@ -680,10 +700,11 @@ public final class EventBus: Sendable, Service {
 struct BusWorkRunner: WorkRunner {
     let bus: EventBus
 
-    func runSync(_ item: WorkItem, deadLetterOnFailure: Bool) -> SyncRunResult {
-        guard item.allSync else { return .needsAsync }
+    func runSync(_ item: WorkItem, deadLetterOnFailure: Bool, routes: inout RouteCache) -> SyncRunResult {
+        let (handlers, allSync) = bus.handlers(of: item, routes: &routes)
+        guard allSync else { return .needsAsync }
         var failed: [(Registration, any Error)] = []
-        let ran = bus.runSyncHandlers(item.handlers, for: item.event, failed: &failed)
+        let ran = bus.runSyncHandlers(handlers, for: item.event, failed: &failed)
         if failed.isEmpty {
             item.completion?.completed(HandlerRunOutcome(failures: [], ran: ran))
             return .succeeded
@@ -704,9 +725,10 @@ struct BusWorkRunner: WorkRunner {
         item.completion?.completed(outcome)
     }
 
-    func run(_ item: WorkItem, deadLetterOnFailure: Bool) async -> Bool {
+    func run(_ item: WorkItem, deadLetterOnFailure: Bool, routes: inout RouteCache) async -> Bool {
+        let (handlers, _) = bus.handlers(of: item, routes: &routes)
         let outcome = await bus.runHandlers(
-            item.handlers, for: item.event, deadLetterOnFailure: deadLetterOnFailure && item.deadLetterOnFailure)
+            handlers, for: item.event, deadLetterOnFailure: deadLetterOnFailure && item.deadLetterOnFailure)
         item.completion?.completed(outcome)
         return !outcome.failures.isEmpty
     }

@@ -10,9 +10,10 @@ protocol SchedulingPolicy: Sendable {
     var parksFailures: Bool { get }
     /// Accepts an item; says which worker to wake.
     mutating func enqueue(_ item: WorkItem, now: UInt64) -> EnqueueDecision
-    /// Moves up to `max` items for `worker` into `batch`, in the order they must run. Returns a monotonic
-    /// deadline when items are held back until then (event-time), else nil.
-    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout [WorkItem]) -> UInt64?
+    /// Moves up to `max` items for `worker` into `batch`, in the order they must run (a queue that is the worker's
+    /// alone may be handed over whole, by swapping it with the empty batch). Returns a monotonic deadline when items
+    /// are held back until then (event-time), else nil.
+    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout Deque<WorkItem>) -> UInt64?
     /// Whether `worker` has queued items it could take (or that are held for it).
     func hasWork(worker: Int) -> Bool
     /// `worker` finished `count` items.
@@ -68,9 +69,14 @@ struct FIFOPolicy: SchedulingPolicy {
         return .wakeAny
     }
 
-    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout [WorkItem]) -> UInt64? {
+    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout Deque<WorkItem>) -> UInt64? {
+        if workerCount == 1 && batch.isEmpty {
+            // The whole queue at once, in O(1) under the lock.
+            swap(&batch, &queue)
+            return nil
+        }
         // With several workers, split what is queued so one worker does not take everything.
-        let share = workerCount == 1 ? max : Swift.max(1, Swift.min(max, queue.count / workerCount + 1))
+        let share = Swift.max(1, Swift.min(max, queue.count / workerCount + 1))
         while batch.count < share, let item = queue.popFirst() { batch.append(item) }
         return nil
     }
@@ -95,7 +101,7 @@ struct PriorityPolicy: SchedulingPolicy {
         return .wakeAny
     }
 
-    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout [WorkItem]) -> UInt64? {
+    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout Deque<WorkItem>) -> UInt64? {
         // Small batches keep a late-arriving high-priority event from waiting behind a long batch.
         let limit = Swift.min(max, 8)
         while batch.count < limit, let item = heap.popFirst() { batch.append(item) }
@@ -139,7 +145,7 @@ struct EventTimePolicy: SchedulingPolicy {
         return .wake(0)
     }
 
-    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout [WorkItem]) -> UInt64? {
+    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout Deque<WorkItem>) -> UInt64? {
         while batch.count < max, let first = heap.first {
             let time = first.event.time?.nanosecondsSinceEpoch ?? 0
             let heldUntil = first.acceptedAt &+ maxHold
@@ -199,7 +205,12 @@ struct PartitionedPolicy: SchedulingPolicy {
         return .wake(index)
     }
 
-    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout [WorkItem]) -> UInt64? {
+    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout Deque<WorkItem>) -> UInt64? {
+        if parked.isEmpty && batch.isEmpty {
+            queuedCount -= lanes[worker].count
+            swap(&batch, &lanes[worker])
+            return nil
+        }
         while batch.count < max, let item = lanes[worker].popFirst() {
             queuedCount -= 1
             if let key = item.event.partitionkey, parked[key] != nil {
@@ -259,7 +270,12 @@ struct LeastLoadedPolicy: SchedulingPolicy {
         return .wake(best)
     }
 
-    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout [WorkItem]) -> UInt64? {
+    mutating func take(worker: Int, max: Int, now: UInt64, into batch: inout Deque<WorkItem>) -> UInt64? {
+        if batch.isEmpty {
+            queuedCount -= queues[worker].count
+            swap(&batch, &queues[worker])
+            return nil
+        }
         while batch.count < max, let item = queues[worker].popFirst() {
             queuedCount -= 1
             batch.append(item)

@@ -1,7 +1,9 @@
 /// One unit of scheduled work: an event and the handlers it is due to run.
 struct WorkItem: Sendable {
     var event: CloudEvent
-    var handlers: [Registration]
+    /// The handlers to run, or nil for "the bus's shared handlers for the event's type", which the worker looks
+    /// up in a cache of its own: that way no per-event reference to a shared array crosses between threads.
+    var handlers: [Registration]?
     var priority: Int
     var completion: (any WorkCompletion)?
     /// Monotonic nanoseconds when accepted (for the event-time hold bound).
@@ -11,18 +13,20 @@ struct WorkItem: Sendable {
     /// Whether a final failure goes to the bus's dead-letter sink. False for transport deliveries, which are
     /// nacked instead, so the transport redelivers and dead-letters them after its maximum attempts.
     var deadLetterOnFailure = true
-    /// Whether every handler is synchronous, so a worker runs the item without an async call.
-    let allSync: Bool
-
-    init(event: CloudEvent, handlers: [Registration], priority: Int, completion: (any WorkCompletion)?) {
+    init(event: CloudEvent, handlers: [Registration]?, priority: Int, completion: (any WorkCompletion)?) {
         self.event = event
         self.handlers = handlers
         self.priority = priority
         self.completion = completion
-        var allSync = true
-        for handler in handlers where !handler.isSync { allSync = false }
-        self.allSync = allSync
     }
+}
+
+/// A worker's cache of the last route it looked up, valid while the bus's subscriptions are unchanged.
+struct RouteCache {
+    var type = ""
+    var generation: UInt64 = .max
+    var handlers: [Registration] = []
+    var allSync = true
 }
 
 /// Told once when a work item's handlers have all run (or it was dead-lettered without running).
@@ -38,11 +42,11 @@ struct HandlerRunOutcome: Sendable {
 
 /// Runs work items for a `WorkerPool`: synchronously when it can, asynchronously otherwise.
 protocol WorkRunner: Sendable {
-    func runSync(_ item: WorkItem, deadLetterOnFailure: Bool) -> SyncRunResult
+    func runSync(_ item: WorkItem, deadLetterOnFailure: Bool, routes: inout RouteCache) -> SyncRunResult
     func recordFailures(_ failed: [(Registration, any Error)], ran: Int, of item: WorkItem, deadLetterOnFailure: Bool)
         async
     /// Runs the item; returns whether a handler failed.
-    func run(_ item: WorkItem, deadLetterOnFailure: Bool) async -> Bool
+    func run(_ item: WorkItem, deadLetterOnFailure: Bool, routes: inout RouteCache) async -> Bool
     func refuseLate(_ item: WorkItem) async
     func discard(_ item: WorkItem, reason: String) async
 }

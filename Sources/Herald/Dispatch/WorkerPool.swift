@@ -140,7 +140,8 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
     }
 
     private func workerLoop(_ worker: Int) async {
-        var batch: [WorkItem] = []
+        var batch = Deque<WorkItem>()
+        var routes = RouteCache()
         batch.reserveCapacity(batchSize)
         while true {
             var freed: [CheckedContinuation<Void, Never>] = []
@@ -197,11 +198,11 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
                 }
                 let deadLetter = !parks || item.event.partitionkey == nil
                 let failed: Bool
-                switch runner.runSync(item, deadLetterOnFailure: deadLetter) {
+                switch runner.runSync(item, deadLetterOnFailure: deadLetter, routes: &routes) {
                 case .succeeded:
                     failed = false
                 case .needsAsync:
-                    failed = await runner.run(item, deadLetterOnFailure: deadLetter)
+                    failed = await runner.run(item, deadLetterOnFailure: deadLetter, routes: &routes)
                 case .failed(let failures, let ran):
                     await runner.recordFailures(failures, ran: ran, of: item, deadLetterOnFailure: deadLetter)
                     failed = true
