@@ -89,7 +89,9 @@ struct BusBench: AsyncParsableCommand {
             ("immediate (post inline)", .immediate, false),
         ]
         if only == "batch" {
-            let batched = try await bestAsync { try await measurePostBatches(.fifo(workers: 1), count: events, batch: 256) }
+            let batched = try await bestAsync {
+                try await measurePostBatches(.fifo(workers: 1), count: events, batch: 256)
+            }
             row("fifo(workers: 1), batches of 256", batched, baseline)
             return
         }

@@ -195,6 +195,19 @@ struct EventBusTests {
         #expect(pongs.count == 300)
     }
 
+    @Test func aBusThatWasShutDownIsFreed() async throws {
+        weak var weakBus: EventBus?
+        do {
+            let bus = EventBus(source: "test", strategy: .fifo(workers: 2))
+            bus.subscribe(Ping.self, strategy: .sequential) { _, _ in }
+            bus.subscribe(Ping.self) { _, _ in }
+            try await bus.post(Ping(number: 1))
+            await bus.shutdown()
+            weakBus = bus
+        }
+        try await eventually(.seconds(5), "the bus to be freed") { weakBus == nil }
+    }
+
     @Test func failuresAreCountedInMetrics() async throws {
         try await TestBootstrap.metrics { metrics in
             let bus = EventBus(source: "test", strategy: .immediate)

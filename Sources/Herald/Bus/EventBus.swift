@@ -82,6 +82,10 @@ public final class EventBus: Sendable, Service {
     public let configuration: Configuration
     /// Changes with every subscription change; workers' route caches compare against it.
     let subscriptionGeneration = Atomic<UInt64>(0)
+    /// How many subscriptions have a strategy of their own (none: `post` can skip the route lookup).
+    private let ownStrategies = Atomic<Int>(0)
+    /// The bus-wide scheduler, for `post`'s lock-free check; set once in `init`, never changed.
+    private nonisolated(unsafe) var postScheduler: (any WorkScheduler)?
     /// Whether a transport is linked (checked on every publish without copying the link).
     private let isLinked: Bool
     /// The registry that decodes incoming events; every subscribed event type is registered in it.
@@ -98,6 +102,7 @@ public final class EventBus: Sendable, Service {
         self.isLinked = configuration.transport != nil
         let scheduler = makeScheduler(configuration.strategy)
         state.withLock { $0.scheduler = scheduler }
+        postScheduler = scheduler
     }
 
     /// A bus with the given producer name and strategy, and defaults for the rest.
@@ -215,6 +220,7 @@ public final class EventBus: Sendable, Service {
                 })
         }
         let scheduler = strategy.flatMap { makeScheduler($0) }
+        if scheduler != nil { ownStrategies.add(1, ordering: .relaxed) }
         let registration = state.withLock { state -> Registration in
             state.nextID += 1
             let registration = Registration(
@@ -240,6 +246,7 @@ public final class EventBus: Sendable, Service {
         }
         // A strategy of its own has workers: let them finish what was queued (skipped: cancelled), then stop.
         if let scheduler = registration.scheduler {
+            ownStrategies.subtract(1, ordering: .relaxed)
             Task { await scheduler.shutdown() }
         }
     }
@@ -407,9 +414,9 @@ public final class EventBus: Sendable, Service {
             _ = try await link.transport.publish([event], to: link.topic)
             return
         }
-        let (route, scheduler, closed) = route(for: event.type)
-        if !closed, route.own.isEmpty, !route.shared.isEmpty, let scheduler {
-            // The fast path: one lock round-trip, no async call.
+        if let scheduler = postScheduler, ownStrategies.load(ordering: .relaxed) == 0 {
+            // The fast path: no route lookup (the worker resolves the handlers), one lock round-trip, no async call.
+            // After shutdown the queue is closed and the slow path below reports it.
             let item = WorkItem(event: event, handlers: nil, priority: priority, completion: nil)
             if scheduler.offer(item) == .accepted { return }
         }

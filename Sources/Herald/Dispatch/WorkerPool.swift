@@ -29,21 +29,22 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
         var drainWaiters: [CheckedContinuation<Void, Never>] = []
         var spaceWaiters = Deque<CheckedContinuation<Void, Never>>()
         var closed = false
+        /// Runs the items; dropped after shutdown so the pool no longer holds the bus.
+        var runner: (any WorkRunner)?
     }
 
     private let state: Mutex<State>
     private let capacity: Int
     private let backPressure: BackPressure
     private let batchSize: Int
-    private let runner: any WorkRunner
     private let parks: Bool
 
     init(policy: Policy, capacity: Int, backPressure: BackPressure, batchSize: Int = 256, runner: any WorkRunner) {
-        self.state = Mutex(State(policy: policy, waiting: Array(repeating: nil, count: policy.workerCount)))
+        self.state = Mutex(
+            State(policy: policy, waiting: Array(repeating: nil, count: policy.workerCount), runner: runner))
         self.capacity = max(1, capacity)
         self.backPressure = backPressure
         self.batchSize = batchSize
-        self.runner = runner
         self.parks = policy.parksFailures
     }
 
@@ -105,7 +106,7 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
             case .accepted:
                 return
             case .late:
-                await runner.refuseLate(item)
+                await state.withLock { $0.runner }?.refuseLate(item)
                 return
             case .closed:
                 throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
@@ -133,7 +134,7 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
     }
 
     private enum Next {
-        case run
+        case run(any WorkRunner)
         case wait
         case sleep(UInt64)
         case exit
@@ -155,13 +156,15 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
                         freed.append(waiter)
                         room -= 1
                     }
-                    return .run
+                    guard let runner = state.runner else { return .exit }
+                    return .run(runner)
                 }
                 if let deadline { return .sleep(deadline) }
                 if state.closed && state.outstanding == 0 { return .exit }
                 return .wait
             }
             for waiter in freed { waiter.resume() }
+            let runner: any WorkRunner
             switch next {
             case .exit:
                 return
@@ -181,12 +184,12 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
                     if resumeNow { continuation.resume() }
                 }
                 continue
-            case .run:
-                break
+            case .run(let batchRunner):
+                runner = batchRunner
             }
             var finished = 0
-            var index = 0
             var drainWaiters: [CheckedContinuation<Void, Never>] = []
+            var index = 0
             while index < batch.count {
                 let item = batch[index]
                 index += 1
@@ -269,6 +272,8 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
         for worker in workers { await worker.value }
         // Parked items would otherwise vanish: dead-letter them.
         for key in parkedKeys.keys { await discard(key: key, reason: "partition key parked at shutdown") }
+        // The runner holds the bus: let go of it, so a bus that was shut down can be freed.
+        state.withLock { $0.runner = nil }
     }
 
     var parkedKeys: [String: Int] { state.withLock { $0.policy.parkedKeys } }
@@ -291,6 +296,7 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
 
     private func discard(key: String, reason: String) async {
         let items = state.withLock { $0.policy.discard(key: key) }
-        for item in items { await runner.discard(item, reason: reason) }
+        let runner = state.withLock { $0.runner }
+        for item in items { await runner?.discard(item, reason: reason) }
     }
 }
