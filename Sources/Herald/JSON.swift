@@ -113,14 +113,6 @@ struct JSONReader {
         depth -= 1
     }
 
-    /// Reads one value and returns the byte range it occupied.
-    mutating func readValueRange() throws(CloudEventError) -> Range<Int> {
-        _ = try peek()
-        let start = index
-        _ = try readValue()
-        return start..<index
-    }
-
     mutating func readValue() throws(CloudEventError) -> JSONValue {
         switch try peek() {
         case UInt8(ascii: "{"):
@@ -308,30 +300,5 @@ struct JSONWriter {
             }
         }
         bytes.append(UInt8(ascii: "\""))
-    }
-
-    mutating func value(_ value: JSONValue) {
-        switch value {
-        case .null: raw("null")
-        case .bool(let flag): flag ? raw("true") : raw("false")
-        case .number(let text): bytes.append(contentsOf: text.utf8)
-        case .string(let text): string(text)
-        case .array(let elements):
-            bytes.append(UInt8(ascii: "["))
-            for (index, element) in elements.enumerated() {
-                if index > 0 { bytes.append(UInt8(ascii: ",")) }
-                self.value(element)
-            }
-            bytes.append(UInt8(ascii: "]"))
-        case .object(let members):
-            bytes.append(UInt8(ascii: "{"))
-            for (index, key) in members.keys.sorted().enumerated() {
-                if index > 0 { bytes.append(UInt8(ascii: ",")) }
-                string(key)
-                bytes.append(UInt8(ascii: ":"))
-                self.value(members[key]!)
-            }
-            bytes.append(UInt8(ascii: "}"))
-        }
     }
 }
