@@ -217,6 +217,32 @@ struct StrategyTests {
         #expect(seen.count == 51)
     }
 
+    @Test func aHandlerCanPublishToItsOwnSequentialSubscriptionWithoutDeadlock() async throws {
+        let bus = EventBus(source: "test", strategy: .immediate)
+        let seen = Recorder<Int>()
+        bus.subscribe(Ping.self, strategy: .sequential) { ping, context in
+            seen.append(ping.number)
+            if ping.number < 3 { try await context.publish(Ping(number: ping.number + 1)) }
+        }
+        try await withDeadlineForTest { try await bus.publish(Ping(number: 0)) }
+        #expect(seen.all == [0, 1, 2, 3])
+    }
+
+    @Test func aHandlerPostingToItsOwnFullQueueDoesNotDeadlock() async throws {
+        let bus = EventBus(
+            configuration: .init(source: "test", strategy: .sequential, queueCapacity: 2, backPressure: .suspend))
+        let seen = Recorder<Int>()
+        bus.subscribe(Ping.self) { ping, context in
+            seen.append(ping.number)
+            if ping.number == 0 {
+                for next in 1...10 { try await context.post(Ping(number: next)) }
+            }
+        }
+        try await bus.post(Ping(number: 0))
+        try await withDeadlineForTest { await bus.drain() }
+        #expect(seen.all == Array(0...10))
+    }
+
     @Test func aSubscriptionCanHaveAStrategyOfItsOwn() async throws {
         let bus = EventBus(source: "test", strategy: .fifo(workers: 4))
         let probe = ConcurrencyProbe()

@@ -97,3 +97,21 @@ enum TestBootstrap {
 
     static var tracer: InMemoryTracer { shared.1 }
 }
+
+/// Runs `body`, failing instead of hanging if it takes longer than `limit` (a deadlock shows as a failure; the stuck
+/// task is left behind rather than awaited).
+func withDeadlineForTest(
+    _ limit: Duration = .seconds(10), _ body: @escaping @Sendable () async throws -> Void
+) async throws {
+    let outcome = Recorder<Result<Void, any Error>>()
+    Task {
+        do {
+            try await body()
+            outcome.append(.success(()))
+        } catch {
+            outcome.append(.failure(error))
+        }
+    }
+    try await eventually(limit, "completion (deadlock?)") { outcome.count > 0 }
+    try outcome.all[0].get()
+}

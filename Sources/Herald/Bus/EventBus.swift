@@ -377,6 +377,12 @@ public final class EventBus: Sendable, Service {
             let own = route.own.filter { $0.accepts(event) && !$0.isCancelled }
             let waiter = CompletionWaiter(count: own.count)
             for registration in own {
+                if registration.scheduler!.isCurrentWorker {
+                    // Published by a handler running on that subscription's own workers: waiting for them would
+                    // wait on ourselves, so run it here.
+                    waiter.completed(await runHandlers([registration], for: event, deadLetterOnFailure: true))
+                    continue
+                }
                 do {
                     try await registration.scheduler!.enqueue(
                         WorkItem(event: event, handlers: [registration], priority: 0, completion: waiter))

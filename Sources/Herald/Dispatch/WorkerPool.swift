@@ -14,8 +14,15 @@ protocol WorkScheduler: Sendable {
     func drain() async -> Bool
     func shutdown() async
     var parkedKeys: [String: Int] { get }
+    /// Whether the calling task is one of this scheduler's workers (so waiting on it would wait on itself).
+    var isCurrentWorker: Bool { get }
     func resume(key: String)
     func discard(key: String) async
+}
+
+/// Which pool's worker the current task is, if any.
+enum WorkerIdentity {
+    @TaskLocal static var pool: ObjectIdentifier?
 }
 
 final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
@@ -50,10 +57,10 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
 
     /// Admits one item under the lock; returns the worker to wake, if any.
     private func admit(
-        _ item: WorkItem, _ state: inout State, now: UInt64
+        _ item: WorkItem, _ state: inout State, now: UInt64, overCapacity: Bool = false
     ) -> (OfferResult, CheckedContinuation<Void, Never>?) {
         if state.closed { return (.closed, nil) }
-        if state.policy.queuedCount >= capacity { return (.full, nil) }
+        if state.policy.queuedCount >= capacity && !overCapacity { return (.full, nil) }
         startWorkersIfNeeded(&state)
         state.sequence += 1
         var item = item
@@ -111,6 +118,15 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
             case .closed:
                 throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
             case .full:
+                if isCurrentWorker {
+                    // A handler of this pool posting to it: waiting for room would wait on itself. Admit it over
+                    // capacity (bounded by what handlers post per event).
+                    let now = monotonicNanoseconds()
+                    let (result, wake) = state.withLock { admit(item, &$0, now: now, overCapacity: true) }
+                    wake?.resume()
+                    if result == .accepted { return }
+                    continue
+                }
                 if backPressure == .reject {
                     throw EventBusError(.queueFull, "the queue is full (capacity \(capacity)); retry later")
                 }
@@ -129,7 +145,10 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
     private func startWorkersIfNeeded(_ state: inout State) {
         guard state.workers.isEmpty else { return }
         for index in 0..<state.policy.workerCount {
-            state.workers.append(Task { [self] in await self.workerLoop(index) })
+            state.workers.append(
+                Task { [self] in
+                    await WorkerIdentity.$pool.withValue(ObjectIdentifier(self)) { await self.workerLoop(index) }
+                })
         }
     }
 
@@ -277,6 +296,8 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
     }
 
     var parkedKeys: [String: Int] { state.withLock { $0.policy.parkedKeys } }
+
+    var isCurrentWorker: Bool { WorkerIdentity.pool == ObjectIdentifier(self) }
 
     func resume(key: String) {
         let continuation = state.withLock { state -> CheckedContinuation<Void, Never>? in
