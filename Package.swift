@@ -49,6 +49,7 @@ let package = Package(
                 "Herald", "HeraldTesting",
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         .testTarget(name: "OrderSystemTests", dependencies: ["OrderSystem", "Herald", "HeraldTesting"]),

@@ -349,6 +349,7 @@ public final class EventBus: Sendable, Service {
     public func publish(_ event: CloudEvent) async throws -> PublishResult {
         published.increment()
         if isLinked, let link = configuration.transport {
+            try refuseIfClosed()
             let acks = try await link.transport.publish([event], to: link.topic)
             return PublishResult(eventID: event.id, ran: [], failures: [], acknowledgement: acks.first)
         }
@@ -367,6 +368,12 @@ public final class EventBus: Sendable, Service {
                 failures: failures, acknowledgement: nil)
         }
         return await dispatchLocally(event, route: route)
+    }
+
+    private func refuseIfClosed() throws(EventBusError) {
+        if state.withLock({ $0.closed }) {
+            throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
+        }
     }
 
     /// Runs the local handlers for an event and waits for all of them, including those with their own strategy.
@@ -417,6 +424,7 @@ public final class EventBus: Sendable, Service {
     public func post(_ event: CloudEvent, priority: Int = 0) async throws {
         posted.increment()
         if isLinked, let link = configuration.transport {
+            try refuseIfClosed()
             _ = try await link.transport.publish([event], to: link.topic)
             return
         }
@@ -434,6 +442,7 @@ public final class EventBus: Sendable, Service {
     public func post(contentsOf events: [CloudEvent], priority: Int = 0) async throws {
         posted.increment(by: Int64(events.count))
         if let link = configuration.transport {
+            try refuseIfClosed()
             _ = try await link.transport.publish(events, to: link.topic)
             return
         }
