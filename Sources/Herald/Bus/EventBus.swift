@@ -63,7 +63,11 @@ public final class EventBus: Sendable, Service {
         var own: [Registration] = []
         /// Whether every shared handler is synchronous (the fast path: no async call per handler).
         var allSync = true
-        var isEmpty: Bool { shared.isEmpty && own.isEmpty }
+
+        /// The shared handlers that ran for an event, given how many did (addressed events skip some).
+        func handlersThatRan(_ count: Int, for event: CloudEvent) -> [Registration] {
+            count == shared.count ? shared : shared.filter { $0.accepts(event) && !$0.isCancelled }
+        }
     }
 
     struct State: ~Copyable {
@@ -73,8 +77,6 @@ public final class EventBus: Sendable, Service {
         var lastType = ""
         var lastRoute = Route()
         var nextID: UInt64 = 0
-        /// The bus-wide scheduler for posted events; nil for `.immediate`.
-        var scheduler: (any WorkScheduler)?
         var inbound: [Task<Void, Never>] = []
         var closed = false
     }
@@ -84,8 +86,9 @@ public final class EventBus: Sendable, Service {
     let subscriptionGeneration = Atomic<UInt64>(0)
     /// How many subscriptions have a strategy of their own (none: `post` can skip the route lookup).
     private let ownStrategies = Atomic<Int>(0)
-    /// The bus-wide scheduler, for `post`'s lock-free check; set once in `init`, never changed.
-    private nonisolated(unsafe) var postScheduler: (any WorkScheduler)?
+    /// The bus-wide scheduler for posted events; nil for `.immediate`. Set once in `init` (it needs `self` for its
+    /// runner) and never changed, so reading it needs no lock.
+    private nonisolated(unsafe) var scheduler: (any WorkScheduler)?
     /// Whether a transport is linked (checked on every publish without copying the link).
     private let isLinked: Bool
     /// The registry that decodes incoming events; every subscribed event type is registered in it.
@@ -100,9 +103,7 @@ public final class EventBus: Sendable, Service {
     public init(configuration: Configuration) {
         self.configuration = configuration
         self.isLinked = configuration.transport != nil
-        let scheduler = makeScheduler(configuration.strategy)
-        state.withLock { $0.scheduler = scheduler }
-        postScheduler = scheduler
+        scheduler = makeScheduler(configuration.strategy)
     }
 
     /// A bus with the given producer name and strategy, and defaults for the rest.
@@ -131,10 +132,8 @@ public final class EventBus: Sendable, Service {
         middleware: [any EventMiddleware] = [],
         handler: @escaping @Sendable (E, EventContext) async throws -> Void
     ) -> Subscription {
-        registerType(E.self)
-        return register(
-            filter: .type(E.eventType), name: name ?? E.eventType, priority: priority, service: service,
-            strategy: strategy, middleware: middleware,
+        register(
+            E.self, name: name, priority: priority, service: service, strategy: strategy, middleware: middleware,
             body: .async { event, context in try await handler(try EventBus.typedValue(E.self, of: event), context) })
     }
 
@@ -151,10 +150,8 @@ public final class EventBus: Sendable, Service {
         middleware: [any EventMiddleware] = [],
         handler: @escaping @Sendable (E, EventContext) throws -> Void
     ) -> Subscription {
-        registerType(E.self)
-        return register(
-            filter: .type(E.eventType), name: name ?? E.eventType, priority: priority, service: service,
-            strategy: strategy, middleware: middleware,
+        register(
+            E.self, name: name, priority: priority, service: service, strategy: strategy, middleware: middleware,
             body: .sync { event, context in try handler(try EventBus.typedValue(E.self, of: event), context) })
     }
 
@@ -192,13 +189,20 @@ public final class EventBus: Sendable, Service {
             strategy: strategy, middleware: middleware, body: .async(handler))
     }
 
+    /// Registers a typed handler: its event type goes into the registry, so deliveries decode once.
     @usableFromInline
-    func registerType<E: Event>(_ type: E.Type) {
+    func register<E: Event>(
+        _ type: E.Type, name: String?, priority: Int, service: String?, strategy: DispatchStrategy?,
+        middleware: [any EventMiddleware], body: Registration.Body
+    ) -> Subscription {
         do {
             try registry.register(E.self)
         } catch {
             logger.error("event type name conflict", metadata: ["error": "\(error)"])
         }
+        return register(
+            filter: .type(E.eventType), name: name ?? E.eventType, priority: priority, service: service,
+            strategy: strategy, middleware: middleware, body: body)
     }
 
     @usableFromInline
@@ -228,9 +232,7 @@ public final class EventBus: Sendable, Service {
                 body: composed, scheduler: scheduler)
             state.registrations.append(registration)
             state.registrations.sort(by: Registration.runsBefore)
-            state.routes.removeAll(keepingCapacity: true)
-            state.lastType = ""
-            subscriptionGeneration.add(1, ordering: .releasing)
+            invalidateRoutes(&state)
             return registration
         }
         return Subscription(registration: registration, bus: self)
@@ -240,15 +242,21 @@ public final class EventBus: Sendable, Service {
         guard !registration.cancelled.exchange(true, ordering: .relaxed) else { return }
         state.withLock { state in
             state.registrations.removeAll { $0 === registration }
-            state.routes.removeAll(keepingCapacity: true)
-            state.lastType = ""
-            subscriptionGeneration.add(1, ordering: .releasing)
+            invalidateRoutes(&state)
         }
         // A strategy of its own has workers: let them finish what was queued (skipped: cancelled), then stop.
         if let scheduler = registration.scheduler {
             ownStrategies.subtract(1, ordering: .relaxed)
             Task { await scheduler.shutdown() }
         }
+    }
+
+    /// Forgets every cached route after a subscription change (the bus's cache and, through the generation, the
+    /// workers' caches).
+    private func invalidateRoutes(_ state: inout State) {
+        state.routes.removeAll(keepingCapacity: true)
+        state.lastType = ""
+        subscriptionGeneration.add(1, ordering: .releasing)
     }
 
     /// The shared handlers of a work item, through a worker's route cache.
@@ -270,14 +278,12 @@ public final class EventBus: Sendable, Service {
 
     /// The handlers for a type name, in run order.
     private func handlers(for type: String) -> Route {
-        state.withLock { state in
-            if type == state.lastType { return state.lastRoute }
-            return cachedRoute(for: type, &state)
-        }
+        state.withLock { cachedRoute(for: type, &$0) }
     }
 
     /// The cached route for a type name (computed on first use after a subscription change).
     private func cachedRoute(for type: String, _ state: inout State) -> Route {
+        if type == state.lastType { return state.lastRoute }
         if let route = state.routes[type] {
             state.lastType = type
             state.lastRoute = route
@@ -296,12 +302,9 @@ public final class EventBus: Sendable, Service {
         return route
     }
 
-    /// The handlers for a type name, the bus scheduler, and whether the bus is closed, in one lock round-trip.
-    private func route(for type: String) -> (Route, (any WorkScheduler)?, closed: Bool) {
-        state.withLock { state in
-            let route = type == state.lastType ? state.lastRoute : cachedRoute(for: type, &state)
-            return (route, state.scheduler, state.closed)
-        }
+    /// The handlers for a type name and whether the bus is closed, in one lock round-trip.
+    private func route(for type: String) -> (Route, closed: Bool) {
+        state.withLock { state in (cachedRoute(for: type, &state), state.closed) }
     }
 
     @inlinable
@@ -354,32 +357,24 @@ public final class EventBus: Sendable, Service {
             return PublishResult(eventID: event.id, ran: [], failures: [], acknowledgement: acks.first)
         }
         let route = handlers(for: event.type)
-        if route.own.isEmpty && route.allSync {
-            // The fast path: synchronous handlers only, no async call, no allocation when all succeed.
-            var failed: [(Registration, any Error)] = []
-            let ran = runSyncHandlers(route.shared, for: event, failed: &failed)
-            var failures: [HandlerFailure] = []
-            for (registration, error) in failed {
-                failures.append(await recordFailure(error, of: registration, event: event, deadLetter: true))
-            }
-            return PublishResult(
-                eventID: event.id,
-                ran: ran == route.shared.count ? route.shared : route.shared.filter { $0.accepts(event) },
-                failures: failures, acknowledgement: nil)
-        }
-        return await dispatchLocally(event, route: route)
+        guard route.own.isEmpty && route.allSync else { return await dispatchLocally(event, route: route) }
+        // The fast path, kept here rather than behind another async call: synchronous handlers only, and no
+        // allocation when all of them succeed.
+        var failed: [(Registration, any Error)] = []
+        let ran = runSyncHandlers(route.shared, for: event, failed: &failed)
+        let failures = failed.isEmpty ? [] : await recordFailures(failed, event: event, deadLetter: true)
+        return PublishResult(
+            eventID: event.id, ran: route.handlersThatRan(ran, for: event), failures: failures, acknowledgement: nil)
     }
 
     private func refuseIfClosed() throws(EventBusError) {
-        if state.withLock({ $0.closed }) {
-            throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
-        }
+        if state.withLock({ $0.closed }) { throw .refusedAfterShutdown }
     }
 
     /// Runs the local handlers for an event and waits for all of them, including those with their own strategy.
     private func dispatchLocally(_ event: CloudEvent, route: Route) async -> PublishResult {
         var outcome = await runShared(route, for: event, deadLetterOnFailure: true)
-        var ran = outcome.ran == route.shared.count ? route.shared : route.shared.filter { $0.accepts(event) }
+        var ran = route.handlersThatRan(outcome.ran, for: event)
         if !route.own.isEmpty {
             let own = route.own.filter { $0.accepts(event) && !$0.isCancelled }
             let waiter = CompletionWaiter(count: own.count)
@@ -428,7 +423,7 @@ public final class EventBus: Sendable, Service {
             _ = try await link.transport.publish([event], to: link.topic)
             return
         }
-        if let scheduler = postScheduler, ownStrategies.load(ordering: .relaxed) == 0 {
+        if let scheduler, ownStrategies.load(ordering: .relaxed) == 0 {
             // The fast path: no route lookup (the worker resolves the handlers), one lock round-trip, no async call.
             // After shutdown the queue is closed and the slow path below reports it.
             let item = WorkItem(event: event, handlers: nil, priority: priority, completion: nil)
@@ -441,32 +436,20 @@ public final class EventBus: Sendable, Service {
     /// Events are accepted in order; on an error, the events before the failing one were accepted.
     public func post(contentsOf events: [CloudEvent], priority: Int = 0) async throws {
         posted.increment(by: Int64(events.count))
-        if let link = configuration.transport {
+        if isLinked, let link = configuration.transport {
             try refuseIfClosed()
             _ = try await link.transport.publish(events, to: link.topic)
             return
         }
-        var pending: [WorkItem] = []
-        pending.reserveCapacity(events.count)
-        var index = 0
-        while index < events.count {
-            let (route, scheduler, closed) = route(for: events[index].type)
-            guard !closed, route.own.isEmpty, !route.shared.isEmpty, let scheduler else {
-                try await schedule(events[index], priority: priority, completion: nil, deadLetterOnFailure: true)
-                index += 1
-                continue
-            }
-            // A run of events of one type goes to the queue in one offer.
-            let type = events[index].type
-            pending.removeAll(keepingCapacity: true)
-            while index < events.count && events[index].type == type {
-                pending.append(WorkItem(event: events[index], handlers: nil, priority: priority, completion: nil))
-                index += 1
-            }
-            let accepted = scheduler.offer(contentsOf: pending)
-            for item in pending[accepted...] {
-                try await schedule(item.event, priority: priority, completion: nil, deadLetterOnFailure: true)
-            }
+        var rest = events[...]
+        if let scheduler, ownStrategies.load(ordering: .relaxed) == 0 {
+            // As in `post`: the workers resolve the handlers, so the whole batch goes in one offer.
+            let items = events.map { WorkItem(event: $0, handlers: nil, priority: priority, completion: nil) }
+            rest = events[scheduler.offer(contentsOf: items)...]
+        }
+        // What the queue did not take (full, closed) or subscriptions with their own strategy: one at a time.
+        for event in rest {
+            try await schedule(event, priority: priority, completion: nil, deadLetterOnFailure: true)
         }
     }
 
@@ -481,8 +464,8 @@ public final class EventBus: Sendable, Service {
     func schedule(
         _ event: CloudEvent, priority: Int, completion: (any WorkCompletion)?, deadLetterOnFailure: Bool
     ) async throws(EventBusError) {
-        let (route, scheduler, closed) = route(for: event.type)
-        if closed { throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events") }
+        let (route, closed) = route(for: event.type)
+        if closed { throw .refusedAfterShutdown }
         let own = route.own.isEmpty ? [] : route.own.filter { $0.accepts(event) && !$0.isCancelled }
         let parts = (route.shared.isEmpty ? 0 : 1) + own.count
         if parts == 0 {
@@ -557,12 +540,20 @@ public final class EventBus: Sendable, Service {
             return await runHandlers(route.shared, for: event, deadLetterOnFailure: deadLetterOnFailure)
         }
         var failed: [(Registration, any Error)] = []
-        var outcome = HandlerRunOutcome(failures: [], ran: runSyncHandlers(route.shared, for: event, failed: &failed))
+        let ran = runSyncHandlers(route.shared, for: event, failed: &failed)
+        let failures = failed.isEmpty ? [] : await recordFailures(failed, event: event, deadLetter: deadLetterOnFailure)
+        return HandlerRunOutcome(failures: failures, ran: ran)
+    }
+
+    /// Records the failures that synchronous handlers collected.
+    func recordFailures(_ failed: [(Registration, any Error)], event: CloudEvent, deadLetter: Bool) async
+        -> [HandlerFailure]
+    {
+        var failures: [HandlerFailure] = []
         for (registration, error) in failed {
-            outcome.failures.append(
-                await recordFailure(error, of: registration, event: event, deadLetter: deadLetterOnFailure))
+            failures.append(await recordFailure(error, of: registration, event: event, deadLetter: deadLetter))
         }
-        return outcome
+        return failures
     }
 
     func recordFailure(_ error: any Error, of registration: Registration, event: CloudEvent, deadLetter: Bool) async
@@ -592,7 +583,7 @@ public final class EventBus: Sendable, Service {
     private func makeScheduler(_ strategy: DispatchStrategy) -> (any WorkScheduler)? {
         let capacity = configuration.queueCapacity
         let backPressure = configuration.backPressure
-        // The pool holds the bus strongly: `shutdown()` ends the workers and with them this reference.
+        // The pool holds the bus through its runner until its `shutdown()`, which lets go of it.
         let run = BusWorkRunner(bus: self)
         func pool<P: SchedulingPolicy>(_ policy: P) -> any WorkScheduler {
             WorkerPool(policy: policy, capacity: capacity, backPressure: backPressure, runner: run)
@@ -630,14 +621,14 @@ public final class EventBus: Sendable, Service {
     // MARK: Partition parking (bus strategy)
 
     /// For a partitioned bus with parking: the parked keys and how many events each holds.
-    public var parkedKeys: [String: Int] { state.withLock { $0.scheduler }?.parkedKeys ?? [:] }
+    public var parkedKeys: [String: Int] { scheduler?.parkedKeys ?? [:] }
 
     /// Unparks a key: the failed event runs again, then the held ones, in order.
-    public func resume(partitionKey: String) { state.withLock { $0.scheduler }?.resume(key: partitionKey) }
+    public func resume(partitionKey: String) { scheduler?.resume(key: partitionKey) }
 
     /// Unparks a key and dead-letters its held events.
     public func discard(partitionKey: String) async {
-        await state.withLock { $0.scheduler }?.discard(key: partitionKey)
+        await scheduler?.discard(key: partitionKey)
     }
 
     // MARK: Lifecycle
@@ -645,12 +636,8 @@ public final class EventBus: Sendable, Service {
     /// Waits until every accepted event has been handled, including events that handlers post meanwhile.
     public func drain() async {
         while true {
-            let (scheduler, own) = state.withLock { state in
-                (state.scheduler, state.registrations.compactMap(\.scheduler))
-            }
             var waited = false
-            if let scheduler { waited = await scheduler.drain() || waited }
-            for scheduler in own { waited = await scheduler.drain() || waited }
+            for scheduler in allSchedulers() { waited = await scheduler.drain() || waited }
             if !waited { return }
         }
     }
@@ -701,13 +688,13 @@ public final class EventBus: Sendable, Service {
         await drain()
         state.withLock { $0.closed = true }
         await drain()
-        let (scheduler, own) = state.withLock { state in
-            (state.scheduler, state.registrations.compactMap(\.scheduler))
-        }
-        await scheduler?.shutdown()
-        for scheduler in own { await scheduler.shutdown() }
-        // The bus's pool held the bus (its runner); let both go.
-        state.withLock { $0.scheduler = nil }
+        for scheduler in allSchedulers() { await scheduler.shutdown() }
+    }
+
+    /// The bus's scheduler and those of subscriptions with a strategy of their own.
+    private func allSchedulers() -> [any WorkScheduler] {
+        let own = state.withLock { $0.registrations.compactMap(\.scheduler) }
+        return (scheduler.map { [$0] } ?? []) + own
     }
 
     /// Runs as a `Service`: starts the transport link, waits for graceful shutdown, then drains and stops.
@@ -737,14 +724,9 @@ struct BusWorkRunner: WorkRunner {
     func recordFailures(
         _ failed: [(Registration, any Error)], ran: Int, of item: WorkItem, deadLetterOnFailure: Bool
     ) async {
-        var outcome = HandlerRunOutcome(failures: [], ran: ran)
-        for (registration, error) in failed {
-            outcome.failures.append(
-                await bus.recordFailure(
-                    error, of: registration, event: item.event,
-                    deadLetter: deadLetterOnFailure && item.deadLetterOnFailure))
-        }
-        item.completion?.completed(outcome)
+        let failures = await bus.recordFailures(
+            failed, event: item.event, deadLetter: deadLetterOnFailure && item.deadLetterOnFailure)
+        item.completion?.completed(HandlerRunOutcome(failures: failures, ran: ran))
     }
 
     func run(_ item: WorkItem, deadLetterOnFailure: Bool, routes: inout RouteCache) async -> Bool {
@@ -757,6 +739,13 @@ struct BusWorkRunner: WorkRunner {
 
     func refuseLate(_ item: WorkItem) async { await bus.refuseLate(item) }
     func discard(_ item: WorkItem, reason: String) async { await bus.discardParked(item, reason: reason) }
+}
+
+extension EventBusError {
+    /// The bus (or its queue) is shut down.
+    static var refusedAfterShutdown: EventBusError {
+        EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
+    }
 }
 
 /// The event-time strategy refused an event older than one it already released.

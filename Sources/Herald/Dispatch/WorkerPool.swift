@@ -116,7 +116,7 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
                 await state.withLock { $0.runner }?.refuseLate(item)
                 return
             case .closed:
-                throw EventBusError(.shutDown, "the bus is shutting down and accepts no new events")
+                throw .refusedAfterShutdown
             case .full:
                 if isCurrentWorker {
                     // A handler of this pool posting to it: waiting for room would wait on itself. Admit it over
