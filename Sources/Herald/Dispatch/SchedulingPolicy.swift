@@ -22,8 +22,9 @@ protocol SchedulingPolicy: Sendable {
     mutating func flush()
     /// Parks a failed item's key (partitioned strategy); later items with that key are held.
     mutating func park(_ item: WorkItem)
-    /// Whether an item's key is parked (the worker holds back the rest of its batch for that key).
-    func isParked(_ item: WorkItem) -> Bool
+    /// Parks the item if its key is parked already (the worker holds back the rest of its batch for that key);
+    /// returns whether it did.
+    mutating func parkIfKeyParked(_ item: WorkItem) -> Bool
     /// Parked keys and how many items each holds.
     var parkedKeys: [String: Int] { get }
     /// Unparks a key: its items run again, failed one first. Returns the worker to wake.
@@ -46,7 +47,7 @@ extension SchedulingPolicy {
     mutating func completed(worker: Int, count: Int) {}
     mutating func flush() {}
     mutating func park(_ item: WorkItem) {}
-    func isParked(_ item: WorkItem) -> Bool { false }
+    mutating func parkIfKeyParked(_ item: WorkItem) -> Bool { false }
     var parkedKeys: [String: Int] { [:] }
     mutating func resume(key: String) -> Int? { nil }
     mutating func discard(key: String) -> [WorkItem] { [] }
@@ -189,10 +190,7 @@ struct PartitionedPolicy: SchedulingPolicy {
     }
 
     mutating func enqueue(_ item: WorkItem, now: UInt64) -> EnqueueDecision {
-        if let key = item.event.partitionkey, parked[key] != nil {
-            parked[key]!.append(item)
-            return .parked
-        }
+        if parkIfKeyParked(item) { return .parked }
         let index: Int
         if let keyed = lane(for: item) {
             index = keyed
@@ -213,11 +211,7 @@ struct PartitionedPolicy: SchedulingPolicy {
         }
         while batch.count < max, let item = lanes[worker].popFirst() {
             queuedCount -= 1
-            if let key = item.event.partitionkey, parked[key] != nil {
-                parked[key]!.append(item)
-            } else {
-                batch.append(item)
-            }
+            if !parkIfKeyParked(item) { batch.append(item) }
         }
         return nil
     }
@@ -227,9 +221,10 @@ struct PartitionedPolicy: SchedulingPolicy {
         parked[key, default: Deque()].append(item)
     }
 
-    func isParked(_ item: WorkItem) -> Bool {
-        guard let key = item.event.partitionkey else { return false }
-        return parked[key] != nil
+    mutating func parkIfKeyParked(_ item: WorkItem) -> Bool {
+        guard let key = item.event.partitionkey, parked[key] != nil else { return false }
+        parked[key]!.append(item)
+        return true
     }
 
     var parkedKeys: [String: Int] { parked.mapValues(\.count) }

@@ -86,8 +86,12 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
     }
 
     func offer(_ item: WorkItem) -> OfferResult {
+        offer(item, overCapacity: false)
+    }
+
+    private func offer(_ item: WorkItem, overCapacity: Bool) -> OfferResult {
         let now = monotonicNanoseconds()
-        let (result, wake) = state.withLock { admit(item, &$0, now: now) }
+        let (result, wake) = state.withLock { admit(item, &$0, now: now, overCapacity: overCapacity) }
         wake?.resume()
         return result
     }
@@ -121,10 +125,7 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
                 if isCurrentWorker {
                     // A handler of this pool posting to it: waiting for room would wait on itself. Admit it over
                     // capacity (bounded by what handlers post per event).
-                    let now = monotonicNanoseconds()
-                    let (result, wake) = state.withLock { admit(item, &$0, now: now, overCapacity: true) }
-                    wake?.resume()
-                    if result == .accepted { return }
+                    if offer(item, overCapacity: true) == .accepted { return }
                     continue
                 }
                 if backPressure == .reject {
@@ -212,13 +213,14 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
             while index < batch.count {
                 let item = batch[index]
                 index += 1
-                if parks && state.withLock({ $0.policy.isParked(item) }) {
-                    // An earlier item with this key failed in this batch: hold this one too, in order.
-                    state.withLock { $0.policy.park(item) }
+                // With parking, a keyed item's failure parks its key instead of dead-lettering the item.
+                let parksOnFailure = parks && item.event.partitionkey != nil
+                if parksOnFailure && state.withLock({ $0.policy.parkIfKeyParked(item) }) {
+                    // An earlier item with this key failed in this batch: this one is held too, in order.
                     finished += 1
                     continue
                 }
-                let deadLetter = !parks || item.event.partitionkey == nil
+                let deadLetter = !parksOnFailure
                 let failed: Bool
                 switch runner.runSync(item, deadLetterOnFailure: deadLetter, routes: &routes) {
                 case .succeeded:
@@ -229,7 +231,7 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
                     await runner.recordFailures(failures, ran: ran, of: item, deadLetterOnFailure: deadLetter)
                     failed = true
                 }
-                if failed && parks && item.event.partitionkey != nil {
+                if failed && parksOnFailure {
                     state.withLock { $0.policy.park(item) }
                 }
                 finished += 1
@@ -259,10 +261,7 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
                     return true
                 }
                 state.drainWaiters.append(continuation)
-                for index in state.waiting.indices {
-                    if let waiter = state.waiting[index] { wake.append(waiter) }
-                    state.waiting[index] = nil
-                }
+                wake = takeWaitingWorkers(&state)
                 return false
             }
             for waiter in wake { waiter.resume() }
@@ -278,14 +277,9 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
             return state.workers
         }
         await drain()
-        var wake: [CheckedContinuation<Void, Never>] = []
-        state.withLock { state in
-            for index in state.waiting.indices {
-                if let waiter = state.waiting[index] { wake.append(waiter) }
-                state.waiting[index] = nil
-            }
-            wake.append(contentsOf: state.spaceWaiters)
-            state.spaceWaiters.removeAll()
+        let wake = state.withLock { state in
+            defer { state.spaceWaiters.removeAll() }
+            return takeWaitingWorkers(&state) + state.spaceWaiters
         }
         for waiter in wake { waiter.resume() }
         for worker in workers { await worker.value }
@@ -293,6 +287,16 @@ final class WorkerPool<Policy: SchedulingPolicy>: WorkScheduler {
         for key in parkedKeys.keys { await discard(key: key, reason: "partition key parked at shutdown") }
         // The runner holds the bus: let go of it, so a bus that was shut down can be freed.
         state.withLock { $0.runner = nil }
+    }
+
+    /// Removes and returns the continuations of idle workers, for the caller to resume outside the lock.
+    private func takeWaitingWorkers(_ state: inout State) -> [CheckedContinuation<Void, Never>] {
+        var waiting: [CheckedContinuation<Void, Never>] = []
+        for index in state.waiting.indices {
+            if let waiter = state.waiting[index] { waiting.append(waiter) }
+            state.waiting[index] = nil
+        }
+        return waiting
     }
 
     var parkedKeys: [String: Int] { state.withLock { $0.policy.parkedKeys } }
