@@ -228,8 +228,7 @@ public final class InMemoryTransport: EventTransport {
                     topic.groups[groupName] = group
                 }
                 state.topics[name] = topic
-                for letter in deadLetters { _ = append(letter, to: name + ".dlq", now: now, state: &state) }
-                if !deadLetters.isEmpty { pump(name + ".dlq", state: &state, now: now) }
+                publishDeadLetters(deadLetters, of: name, now: now, state: &state)
                 pump(name, state: &state, now: now)
             }
         }
@@ -243,20 +242,30 @@ public final class InMemoryTransport: EventTransport {
             deadLetters.append(
                 deadLetter(
                     topic.partitions[position.partition][Int(position.offset)], reason: reason, attempts: attempt,
-                    group: groupName))
-            group.deadLettered += 1
-            release(key, in: &group)
+                    key: key, group: &group, groupName: groupName))
         } else {
             group.redeliveries.append(
                 Redelivery(due: now + UInt64(max(0, delay.nanoseconds)), position: position, attempt: attempt))
         }
     }
 
-    private func deadLetter(_ event: CloudEvent, reason: String, attempts: Int, group: String) -> CloudEvent {
+    /// Appends dead letters to `<topic>.dlq` and delivers them to that topic's groups.
+    private func publishDeadLetters(_ letters: [CloudEvent], of topic: String, now: UInt64, state: inout State) {
+        guard !letters.isEmpty else { return }
+        for letter in letters { _ = append(letter, to: topic + ".dlq", now: now, state: &state) }
+        pump(topic + ".dlq", state: &state, now: now)
+    }
+
+    /// The dead letter of an event for a group (reason and attempts as extensions); counts it and frees its key.
+    private func deadLetter(
+        _ event: CloudEvent, reason: String, attempts: Int, key: String?, group: inout Group, groupName: String
+    ) -> CloudEvent {
+        group.deadLettered += 1
+        release(key, in: &group)
         var letter = event
         letter.extensions["deadletterreason"] = .string(reason)
         letter.extensions["deliveryattempts"] = .integer(Int32(clamping: attempts))
-        letter.extensions["deadlettergroup"] = .string(group)
+        letter.extensions["deadlettergroup"] = .string(groupName)
         return letter
     }
 
@@ -399,14 +408,12 @@ public final class InMemoryTransport: EventTransport {
             case .terminate(let reason):
                 deadLetters.append(
                     deadLetter(
-                        delivery.event, reason: "terminated: \(reason)", attempts: pending.attempt, group: groupName))
-                group.deadLettered += 1
-                release(pending.key, in: &group)
+                        delivery.event, reason: "terminated: \(reason)", attempts: pending.attempt, key: pending.key,
+                        group: &group, groupName: groupName))
             }
             topic.groups[groupName] = group
             state.topics[name] = topic
-            for letter in deadLetters { _ = append(letter, to: name + ".dlq", now: now, state: &state) }
-            if !deadLetters.isEmpty { pump(name + ".dlq", state: &state, now: now) }
+            publishDeadLetters(deadLetters, of: name, now: now, state: &state)
             pump(name, state: &state, now: now)
         }
     }
