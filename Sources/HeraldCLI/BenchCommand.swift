@@ -171,38 +171,40 @@ func measurePublish(handlers: Int, count: Int) async throws -> Double {
 }
 
 func measurePost(_ strategy: DispatchStrategy, count: Int, keyed: Bool) async throws -> Double {
-    let bus = EventBus(configuration: .init(source: "bench", strategy: strategy, queueCapacity: 1 << 16))
-    let total = Counter()
-    bus.subscribe(BenchEvent.self) { _, _ in total.add(1) }
-    let keys = (0..<64).map { "key-\($0)" }
-    let start = monotonicNanoseconds()
-    for number in 0..<count {
-        try await bus.post(BenchEvent(number: number, sentAt: 0, key: keyed ? keys[number & 63] : nil))
+    try await measureDrained(strategy, count: count) { bus, keys in
+        for number in 0..<count {
+            try await bus.post(BenchEvent(number: number, sentAt: 0, key: keyed ? keys[number & 63] : nil))
+        }
     }
-    await bus.drain()
-    let elapsed = monotonicNanoseconds() - start
-    precondition(total.value == count)
-    await bus.shutdown()
-    return Double(count) / (Double(elapsed) / 1e9)
 }
 
 func measurePostBatches(_ strategy: DispatchStrategy, count: Int, batch: Int) async throws -> Double {
+    try await measureDrained(strategy, count: count) { bus, keys in
+        var events: [CloudEvent] = []
+        events.reserveCapacity(batch)
+        var number = 0
+        while number < count {
+            events.removeAll(keepingCapacity: true)
+            for _ in 0..<min(batch, count - number) {
+                events.append(
+                    CloudEvent(BenchEvent(number: number, sentAt: 0, key: keys[number & 63]), source: "bench"))
+                number += 1
+            }
+            try await bus.post(contentsOf: events)
+        }
+    }
+}
+
+/// Events per second for posting `count` events to one counting handler with `post`, until drained.
+func measureDrained(
+    _ strategy: DispatchStrategy, count: Int, post: (EventBus, [String]) async throws -> Void
+) async throws -> Double {
     let bus = EventBus(configuration: .init(source: "bench", strategy: strategy, queueCapacity: 1 << 16))
     let total = Counter()
     bus.subscribe(BenchEvent.self) { _, _ in total.add(1) }
     let keys = (0..<64).map { "key-\($0)" }
-    var events: [CloudEvent] = []
-    events.reserveCapacity(batch)
     let start = monotonicNanoseconds()
-    var number = 0
-    while number < count {
-        events.removeAll(keepingCapacity: true)
-        for _ in 0..<min(batch, count - number) {
-            events.append(CloudEvent(BenchEvent(number: number, sentAt: 0, key: keys[number & 63]), source: "bench"))
-            number += 1
-        }
-        try await bus.post(contentsOf: events)
-    }
+    try await post(bus, keys)
     await bus.drain()
     let elapsed = monotonicNanoseconds() - start
     precondition(total.value == count)
