@@ -49,6 +49,27 @@ struct TransportBridgeTests {
         await transport.shutdown()
     }
 
+    @Test func aDeliveryIsAckedOnlyWhenHandlersOnEveryStrategySucceeded() async throws {
+        let transport = InMemoryTransport()
+        let consumer = link(transport, "consumer")
+        let shared = Recorder<Int>()
+        let own = Recorder<Int>()
+        consumer.subscribe(Ping.self) { ping, _ in shared.append(ping.number) }
+        // This one runs on a strategy of its own and fails the first time: the delivery must come again.
+        consumer.subscribe(Ping.self, strategy: .sequential) { ping, _ in
+            own.append(ping.number)
+            if own.count == 1 { throw TestFailure() }
+        }
+        try await consumer.start()
+        _ = try await transport.publish([CloudEvent(Ping(number: 4), source: "p")], to: "events")
+        try await eventually { own.count == 2 }
+        try await eventually { transport.groupStatus(topic: "events", group: "consumer")?.pending == 0 }
+        #expect(shared.all == [4, 4])
+        #expect(transport.groupStatus(topic: "events", group: "consumer")?.redelivered == 1)
+        await consumer.shutdown()
+        await transport.shutdown()
+    }
+
     @Test func aPoisonEventEndsInTheDeadLetterTopicOnce() async throws {
         let transport = InMemoryTransport()
         let producer = link(transport, "producer")

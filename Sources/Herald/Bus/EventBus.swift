@@ -377,7 +377,7 @@ public final class EventBus: Sendable, Service {
         var ran = route.handlersThatRan(outcome.ran, for: event)
         if !route.own.isEmpty {
             let own = route.own.filter { $0.accepts(event) && !$0.isCancelled }
-            let waiter = CompletionWaiter(count: own.count)
+            let waiter = CompletionJoin(count: own.count)
             for registration in own {
                 if registration.scheduler!.isCurrentWorker {
                     // Published by a handler running on that subscription's own workers: waiting for them would
@@ -472,7 +472,8 @@ public final class EventBus: Sendable, Service {
             completion?.completed(HandlerRunOutcome(failures: [], ran: 0))
             return
         }
-        let target: (any WorkCompletion)? = parts == 1 ? completion : completion.map { SplitCompletion(parts, $0) }
+        let target: (any WorkCompletion)? =
+            parts == 1 ? completion : completion.map { CompletionJoin(count: parts, then: $0) }
         if !route.shared.isEmpty {
             if let scheduler {
                 var item = WorkItem(event: event, handlers: nil, priority: priority, completion: target)
@@ -753,62 +754,44 @@ public struct LateEventError: Error, Sendable, CustomStringConvertible {
     public var description: String { "event arrived after the watermark had passed its time" }
 }
 
-/// Waits for a known number of work items.
-final class CompletionWaiter: WorkCompletion {
+/// Joins the outcomes of a known number of work items into one: passed on to `then` and to whoever `wait()`s.
+final class CompletionJoin: WorkCompletion {
     struct State {
         var remaining: Int
-        var failures: [HandlerFailure] = []
-        var ran = 0
+        var outcome = HandlerRunOutcome(failures: [], ran: 0)
         var continuation: CheckedContinuation<HandlerRunOutcome, Never>?
     }
 
     private let state: Mutex<State>
+    private let then: (any WorkCompletion)?
 
-    init(count: Int) {
+    init(count: Int, then: (any WorkCompletion)? = nil) {
         state = Mutex(State(remaining: count))
+        self.then = then
     }
 
     func completed(_ outcome: HandlerRunOutcome) {
-        let finished = state.withLock { state -> (CheckedContinuation<HandlerRunOutcome, Never>, HandlerRunOutcome)? in
+        let finished = state.withLock { state -> (HandlerRunOutcome, CheckedContinuation<HandlerRunOutcome, Never>?)? in
             state.remaining -= 1
-            state.failures += outcome.failures
-            state.ran += outcome.ran
-            guard state.remaining == 0, let continuation = state.continuation else { return nil }
-            state.continuation = nil
-            return (continuation, HandlerRunOutcome(failures: state.failures, ran: state.ran))
+            state.outcome.failures += outcome.failures
+            state.outcome.ran += outcome.ran
+            guard state.remaining == 0 else { return nil }
+            defer { state.continuation = nil }
+            return (state.outcome, state.continuation)
         }
-        if let (continuation, outcome) = finished { continuation.resume(returning: outcome) }
+        guard let (outcome, continuation) = finished else { return }
+        then?.completed(outcome)
+        continuation?.resume(returning: outcome)
     }
 
     func wait() async -> HandlerRunOutcome {
         await withCheckedContinuation { continuation in
             let ready = state.withLock { state -> HandlerRunOutcome? in
-                if state.remaining <= 0 { return HandlerRunOutcome(failures: state.failures, ran: state.ran) }
+                if state.remaining <= 0 { return state.outcome }
                 state.continuation = continuation
                 return nil
             }
             if let ready { continuation.resume(returning: ready) }
         }
-    }
-}
-
-/// Joins the outcomes of several parts into one completion.
-final class SplitCompletion: WorkCompletion {
-    private let state: Mutex<(remaining: Int, outcome: HandlerRunOutcome)>
-    private let target: any WorkCompletion
-
-    init(_ parts: Int, _ target: any WorkCompletion) {
-        self.state = Mutex((parts, HandlerRunOutcome(failures: [], ran: 0)))
-        self.target = target
-    }
-
-    func completed(_ outcome: HandlerRunOutcome) {
-        let done = state.withLock { state -> HandlerRunOutcome? in
-            state.remaining -= 1
-            state.outcome.failures += outcome.failures
-            state.outcome.ran += outcome.ran
-            return state.remaining == 0 ? state.outcome : nil
-        }
-        if let done { target.completed(done) }
     }
 }
