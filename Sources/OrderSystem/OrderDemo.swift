@@ -109,14 +109,13 @@ public enum OrderDemo {
                 makeBus(NotificationsService.name), makeBus("audit"),
             ]
         let auditBus = buses.last!
+        // The bus of the service at `index` in `buses` (every service shares the one bus when local).
+        func bus(_ index: Int) -> EventBus { buses.count == 1 ? shared : buses[index] }
         let orders = OrdersService(bus: shared)
-        let payments = PaymentsService(bus: options.topology == .local ? shared : buses[1], gateway: gateway)
-        let shipping = ShippingService(bus: options.topology == .local ? shared : buses[2])
-        let notifications = NotificationsService(bus: options.topology == .local ? shared : buses[3]) { _ in
-            notified.withLock { $0 += 1 }
-        }
-        _ = shipping
-        _ = payments
+        // Payments and shipping live on through their subscriptions; the demo only reads orders and notifications.
+        _ = PaymentsService(bus: bus(1), gateway: gateway)
+        _ = ShippingService(bus: bus(2))
+        let notifications = NotificationsService(bus: bus(3)) { _ in notified.withLock { $0 += 1 } }
         auditBus.subscribe(.all, name: "audit", priority: 100) { event, _ in
             eventCount.withLock { $0 += 1 }
             guard let orderID = event.subject, traced.contains(orderID) else { return }
