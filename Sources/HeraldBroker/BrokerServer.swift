@@ -1,0 +1,258 @@
+import HeraldWire
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// The broker's TCP server: frames in, the connection state machine decides, the engine does the work.
+public final class BrokerServer: Service, Sendable {
+    public let broker: Broker
+    public let host: String
+    public let port: Int
+    let group: any EventLoopGroup
+    let logger: Logger
+    private let channel = Mutex<(any Channel)?>(nil)
+    private let connections = Mutex(0)
+
+    public init(
+        broker: Broker, host: String = "127.0.0.1", port: Int = 7420,
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger = Logger(label: "herald.tcp")
+    ) {
+        self.broker = broker
+        self.host = host
+        self.port = port
+        self.group = group
+        self.logger = logger
+    }
+
+    /// Binds and starts accepting; returns the bound port (useful with port 0).
+    @discardableResult
+    public func start() async throws -> Int {
+        let configuration = broker.configuration
+        let welcome = Welcome(
+            server: "herald", maxFrameSize: UInt32(configuration.maxFrameBytes),
+            maxEventSize: UInt32(configuration.maxEventBytes))
+        let broker = self.broker
+        let logger = self.logger
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(
+                .writeBufferWaterMark,
+                value: .init(
+                    low: configuration.maxOutboundBytesPerConnection / 2,
+                    high: configuration.maxOutboundBytesPerConnection)
+            )
+            .childChannelInitializer { [self] channel in
+                let admitted = connections.withLock { count -> Bool in
+                    guard count < configuration.maxConnections else { return false }
+                    count += 1
+                    return true
+                }
+                guard admitted else {
+                    var buffer = channel.allocator.buffer(capacity: 64)
+                    Message.error(WireError(.unavailable, "the broker is at its connection limit; retry later"))
+                        .write(requestID: 0, to: &buffer)
+                    return channel.writeAndFlush(buffer).flatMap { channel.close() }
+                }
+                channel.closeFuture.whenComplete { _ in self.connections.withLock { $0 -= 1 } }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        ByteToMessageHandler(FrameDecoderHandler(maxFrameSize: configuration.maxFrameBytes)))
+                    try channel.pipeline.syncOperations.addHandler(
+                        BrokerConnectionHandler(broker: broker, welcome: welcome, logger: logger))
+                }
+            }
+        let bound = try await bootstrap.bind(host: host, port: port).get()
+        channel.withLock { $0 = bound }
+        logger.info("broker listening", metadata: ["address": "\(bound.localAddress.map { "\($0)" } ?? "?")"])
+        return bound.localAddress?.port ?? port
+    }
+
+    /// Stops accepting and closes the listening socket (open connections close with the event loop group).
+    public func stop() async {
+        let bound = channel.withLock { channel -> (any Channel)? in
+            defer { channel = nil }
+            return channel
+        }
+        try? await bound?.close()
+    }
+
+    public func run() async throws {
+        try await start()
+        try? await gracefulShutdown()
+        await stop()
+    }
+}
+
+/// Splits the byte stream into frames, refusing oversized ones before buffering them.
+struct FrameDecoderHandler: ByteToMessageDecoder {
+    typealias InboundOut = Frame
+    let decoder: FrameDecoder
+
+    init(maxFrameSize: Int) {
+        decoder = FrameDecoder(maxFrameSize: maxFrameSize)
+    }
+
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let frame = try decoder.next(&buffer) else { return .needMoreData }
+        context.fireChannelRead(Self.wrapInboundOut(frame))
+        return .continue
+    }
+
+    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws
+        -> DecodingState
+    {
+        while try decode(context: context, buffer: &buffer) == .continue {}
+        return .needMoreData
+    }
+}
+
+/// A subscription on a TCP connection, as a member of its consumer group.
+final class TCPMember: BrokerMember {
+    let channel: any Channel
+    let subscriptionID: UInt32
+
+    init(channel: any Channel, subscriptionID: UInt32) {
+        self.channel = channel
+        self.subscriptionID = subscriptionID
+    }
+
+    func deliver(_ deliveries: [WireDelivery]) -> Bool {
+        guard channel.isActive else { return false }
+        var buffer = channel.allocator.buffer(capacity: deliveries.reduce(16) { $0 + 32 + $1.event.size })
+        Message.deliver(deliveries).write(requestID: subscriptionID, to: &buffer)
+        channel.writeAndFlush(buffer, promise: nil)
+        return true
+    }
+
+    var canAcceptDeliveries: Bool { channel.isWritable }
+}
+
+/// One broker connection: runs the protocol state machine and executes its actions.
+final class BrokerConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = Frame
+    typealias OutboundOut = ByteBuffer
+
+    let broker: Broker
+    let logger: Logger
+    var machine: ServerConnectionStateMachine
+    /// subscription id → broker member id
+    var members: [UInt32: Int] = [:]
+    var handshakeTimeout: Scheduled<Void>?
+
+    init(broker: Broker, welcome: Welcome, logger: Logger) {
+        self.broker = broker
+        self.logger = logger
+        self.machine = ServerConnectionStateMachine(welcome: welcome)
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        handshakeTimeout = context.eventLoop.scheduleTask(in: .seconds(10)) {
+            let (handler, context) = bound.value
+            handler.execute(
+                handler.machine.decodingFailed(WireError(.unauthenticated, "no hello within 10 seconds")),
+                context: context)
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        handshakeTimeout?.cancel()
+        for member in members.values { broker.unsubscribe(member: member) }
+        members = [:]
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        execute(machine.received(unwrapInboundIn(data)), context: context)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        let wire = (error as? WireError) ?? WireError(.malformedFrame, "\(error)")
+        execute(machine.decodingFailed(wire), context: context)
+    }
+
+    private func execute(_ action: ServerConnectionStateMachine.Action, context: ChannelHandlerContext) {
+        switch action {
+        case .none:
+            break
+        case .reply(let message, let requestID):
+            if case .welcome = message { handshakeTimeout?.cancel() }
+            write(message, requestID: requestID, context: context)
+        case .close(let error, let requestID):
+            logger.debug("closing a connection", metadata: ["error": "\(error)"])
+            write(.error(error), requestID: requestID, context: context)
+            context.close(promise: nil)
+        case .handle(let request, let requestID):
+            handle(request, requestID: requestID, context: context)
+        }
+    }
+
+    private func write(_ message: Message, requestID: UInt32, context: ChannelHandlerContext) {
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        message.write(requestID: requestID, to: &buffer)
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    private func handle(
+        _ request: ServerConnectionStateMachine.Request, requestID: UInt32, context: ChannelHandlerContext
+    ) {
+        let broker = self.broker
+        let channel = context.channel
+        switch request {
+        case .publish(let topic, let events):
+            Task {
+                let reply: Message
+                do {
+                    reply = .published(try await broker.publish(topic: topic, events: events))
+                } catch {
+                    reply = .error((error as? BrokerError)?.wireError ?? WireError(.internalError, "\(error)"))
+                }
+                var buffer = channel.allocator.buffer(capacity: 64)
+                reply.write(requestID: requestID, to: &buffer)
+                channel.writeAndFlush(buffer, promise: nil)
+            }
+        case .subscribe(let subscribe):
+            do {
+                let member = TCPMember(channel: channel, subscriptionID: requestID)
+                members[requestID] = try broker.subscribe(subscribe, member: member)
+                write(.subscribed, requestID: requestID, context: context)
+            } catch {
+                machine.subscriptionEnded(requestID)
+                write(.error(error.wireError), requestID: requestID, context: context)
+            }
+        case .settle(let items):
+            guard let member = members[requestID] else { return }
+            write(.settled(stale: broker.settle(member: member, items)), requestID: requestID, context: context)
+        case .unsubscribe:
+            if let member = members[requestID] { broker.unsubscribe(member: member, keepPending: true) }
+        case .admin(let command, let arguments):
+            Task {
+                let reply: Message
+                do {
+                    reply = .adminResult(try await AdminCommand.run(command, arguments: arguments, on: broker))
+                } catch {
+                    reply = .error((error as? BrokerError)?.wireError ?? WireError(.internalError, "\(error)"))
+                }
+                var buffer = channel.allocator.buffer(capacity: 64)
+                reply.write(requestID: requestID, to: &buffer)
+                channel.writeAndFlush(buffer, promise: nil)
+            }
+        }
+    }
+}
+
+extension BrokerError {
+    var wireError: WireError {
+        switch code {
+        case .invalidEvent: WireError(.invalidEvent, message)
+        case .invalidRequest, .notFound: WireError(.invalidRequest, message)
+        case .unavailable, .shutDown: WireError(.unavailable, message)
+        default: WireError(.internalError, message)
+        }
+    }
+}

@@ -1,0 +1,171 @@
+import DequeModule
+import HeraldLog
+import HeraldWire
+
+/// A consumer of deliveries: a TCP subscription, an embedded subscriber. Called outside the broker's lock.
+public protocol BrokerMember: AnyObject, Sendable {
+    /// Hands deliveries over; false when the member is gone (they are then redelivered to others).
+    func deliver(_ deliveries: [WireDelivery]) -> Bool
+    /// False while the member's outbound buffer is full (a slow consumer): the broker pauses delivering to it.
+    var canAcceptDeliveries: Bool { get }
+}
+
+/// One partition of a topic: its log and how far consumers may read.
+final class PartitionState {
+    let log: PartitionLog
+    /// Offsets below this are visible to consumers (durable under `fsync: always`, written otherwise).
+    var visible: Int64
+    /// Records appended and not yet acknowledged to their publishers (overload protection).
+    var unacknowledged = 0
+
+    init(log: PartitionLog) {
+        self.log = log
+        self.visible = log.nextOffset
+    }
+}
+
+struct Pending {
+    let attempt: Int
+    let deadline: UInt64
+    let member: Int
+    let key: String?
+}
+
+struct Redelivery {
+    let due: UInt64
+    let position: Position
+    /// The attempt that failed (the redelivery is attempt + 1).
+    let attempt: Int
+}
+
+struct MemberSlot {
+    let member: any BrokerMember
+    let maxInFlight: Int
+    var inFlight = 0
+}
+
+/// A consumer group's state, guarded by the broker's lock.
+final class GroupState {
+    let name: String
+    let options: GroupOptions
+    /// The next offset never yet delivered, per partition.
+    var cursors: [Int64]
+    /// Offsets at or after the cursor that were settled before a restart: skipped when reached.
+    var settledAhead: [Set<Int64>]
+    /// Attempts recorded before a restart, by position (so max-deliveries holds across restarts).
+    var priorAttempts: [Position: Int] = [:]
+    var pending: [Position: Pending] = [:]
+    var redeliveries: [Redelivery] = []
+    var busyKeys: [String: Int] = [:]
+    var members: [Int: MemberSlot] = [:]
+    var memberOrder: [Int] = []
+    var nextMember = 0
+    var delivered = 0
+    var redelivered = 0
+    var deadLettered = 0
+    var acked = 0
+
+    init(name: String, options: GroupOptions, cursors: [Int64]) {
+        self.name = name
+        self.options = options
+        self.cursors = cursors
+        self.settledAhead = Array(repeating: [], count: cursors.count)
+    }
+
+    /// The lowest offset per partition that is not settled for good: what a snapshot keeps as the cursor.
+    func floors() -> [Int64] {
+        var floors = cursors
+        for position in pending.keys where position.offset < floors[position.partition] {
+            floors[position.partition] = position.offset
+        }
+        for redelivery in redeliveries where redelivery.position.offset < floors[redelivery.position.partition] {
+            floors[redelivery.position.partition] = redelivery.position.offset
+        }
+        return floors
+    }
+
+    func pickMember() -> Int? {
+        let count = memberOrder.count
+        for step in 0..<count {
+            let id = memberOrder[(nextMember + step) % count]
+            if let slot = members[id], slot.inFlight < slot.maxInFlight, slot.member.canAcceptDeliveries {
+                nextMember = (nextMember + step + 1) % count
+                return id
+            }
+        }
+        return nil
+    }
+
+    func release(_ key: String?) {
+        guard let key, let count = busyKeys[key] else { return }
+        if count <= 1 { busyKeys.removeValue(forKey: key) } else { busyKeys[key] = count - 1 }
+    }
+}
+
+/// (`source`, `id`) → where the event landed, for the dedup window.
+struct DedupTable {
+    struct Entry {
+        let position: Position
+        let at: UInt64
+    }
+
+    var entries: [String: Entry] = [:]
+    var order = Deque<(String, UInt64)>()
+
+    static func key(source: String, id: String, group: String?) -> String {
+        group.map { "\(source)\u{0}\(id)\u{0}\($0)" } ?? "\(source)\u{0}\(id)"
+    }
+
+    mutating func expire(now: UInt64, window: UInt64) {
+        while let (key, at) = order.first, now &- at > window {
+            order.removeFirst()
+            if entries[key]?.at == at { entries.removeValue(forKey: key) }
+        }
+    }
+
+    mutating func insert(_ key: String, _ position: Position, at: UInt64) {
+        entries[key] = Entry(position: position, at: at)
+        order.append((key, at))
+    }
+}
+
+final class TopicState {
+    let name: String
+    let retention: TopicRetention
+    var partitions: [PartitionState]
+    var groups: [String: GroupState] = [:]
+    var dedup = DedupTable()
+    var roundRobin = 0
+
+    init(name: String, retention: TopicRetention, partitions: [PartitionState]) {
+        self.name = name
+        self.retention = retention
+        self.partitions = partitions
+    }
+}
+
+/// A consumer group's counters, as `herald groups` shows them.
+public struct GroupInfo: Sendable, Hashable, Codable {
+    public var topic: String
+    public var group: String
+    /// Events not yet delivered to the group.
+    public var lag: Int64
+    /// Delivered and unsettled, or waiting for redelivery.
+    public var pending: Int
+    public var delivered: Int
+    public var redelivered: Int
+    public var deadLettered: Int
+    public var acked: Int
+    public var members: Int
+}
+
+/// A topic's shape, as `herald topics` shows it.
+public struct TopicInfo: Sendable, Hashable, Codable {
+    public var name: String
+    public var partitions: Int
+    /// Per partition: the first and the next offset.
+    public var startOffsets: [Int64]
+    public var endOffsets: [Int64]
+    public var bytes: Int
+    public var groups: [String]
+}

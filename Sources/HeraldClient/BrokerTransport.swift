@@ -1,0 +1,606 @@
+import DequeModule
+import Herald
+import HeraldWire
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// An `EventTransport` over the Herald broker's TCP protocol.
+///
+/// One multiplexed connection carries every publish, subscription and settlement. Concurrent publishes to a topic
+/// are coalesced into one frame (and one broker append and fsync); concurrent settlements of a subscription into
+/// one frame. When the connection drops it reconnects with exponential backoff, subscribes again, and sends
+/// every unacknowledged publish again: the broker's dedup by (`source`, `id`) turns those retries into the
+/// original positions, so at-least-once holds across reconnects without duplicates in the log. Deliveries
+/// received on a lost connection can no longer be settled (`staleAck`); the broker redelivers them.
+public final class BrokerTransport: EventTransport {
+    public struct Configuration: Sendable {
+        public var host: String
+        public var port: Int
+        public var clientName: String
+        public var credential: Credential
+        /// First and largest delay between reconnect attempts.
+        public var reconnectDelay: (first: Duration, max: Duration)
+        /// Events per publish frame at most (larger batches are split).
+        public var maxBatchEvents: Int
+
+        public init(
+            host: String = "127.0.0.1", port: Int = 7420, clientName: String = "herald-client",
+            credential: Credential = .none,
+            reconnectDelay: (first: Duration, max: Duration) = (.milliseconds(50), .seconds(2)),
+            maxBatchEvents: Int = 2048
+        ) {
+            self.host = host
+            self.port = port
+            self.clientName = clientName
+            self.credential = credential
+            self.reconnectDelay = reconnectDelay
+            self.maxBatchEvents = maxBatchEvents
+        }
+    }
+
+    struct PublishWaiter {
+        let count: Int
+        let continuation: CheckedContinuation<[WirePosition], any Error>
+    }
+
+    struct PublishBatch {
+        let topic: String
+        var events: [WireEvent] = []
+        var bytes = 0
+        var waiters: [PublishWaiter] = []
+    }
+
+    struct SettleWaiter {
+        let item: SettleItem
+        let continuation: CheckedContinuation<Bool, any Error>
+    }
+
+    struct Subscription {
+        let request: SubscribeRequest
+        let buffer: DeliveryBuffer
+        var subscribed: CheckedContinuation<Void, any Error>?
+        var outbox: [SettleWaiter] = []
+        var inflight = Deque<[SettleWaiter]>()
+        /// The consumer stopped iterating; kept only so held deliveries can still be settled.
+        var ended = false
+    }
+
+    struct Connection {
+        let channel: any Channel
+        let generation: Int
+        var machine = ClientConnectionStateMachine()
+        var ready = false
+    }
+
+    struct State {
+        var connection: Connection?
+        var generation = 0
+        var connecting = false
+        var outbox: [PublishBatch] = []
+        var inflight: [UInt32: PublishBatch] = [:]
+        var admin: [UInt32: CheckedContinuation<[UInt8], any Error>] = [:]
+        var adminOutbox: [(command: String, arguments: [UInt8], CheckedContinuation<[UInt8], any Error>)] = []
+        var subscriptions: [UInt32: Subscription] = [:]
+        var nextSubscriptionID: UInt32 = 0x8000_0000
+        var flushScheduled = false
+        var closed = false
+        var connector: Task<Void, Never>?
+    }
+
+    public let configuration: Configuration
+    let group: any EventLoopGroup
+    let logger: Logger
+    private let state = Mutex(State())
+
+    public init(
+        configuration: Configuration, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "herald.client")
+    ) {
+        self.configuration = configuration
+        self.group = group
+        self.logger = logger
+    }
+
+    public convenience init(host: String = "127.0.0.1", port: Int = 7420, clientName: String = "herald-client") {
+        self.init(configuration: Configuration(host: host, port: port, clientName: clientName))
+    }
+
+    public var capabilities: TransportCapabilities {
+        [.orderingPerKey, .deduplication, .delayedRedelivery, .deadLetters, .durable]
+    }
+
+    // MARK: Publishing
+
+    public func publish(_ events: [CloudEvent], to topic: String) async throws -> [PublishAck] {
+        guard !events.isEmpty else { return [] }
+        var wire: [WireEvent] = []
+        wire.reserveCapacity(events.count)
+        for event in events {
+            do {
+                wire.append(try BinaryEvent.encode(event))
+            } catch {
+                throw TransportError(.invalidRequest, "event \(event.id) is invalid: \(error.message)")
+            }
+        }
+        let positions = try await withCheckedThrowingContinuation {
+            (continuation: CheckedContinuation<[WirePosition], any Error>) in
+            let failure = state.withLock { state -> TransportError? in
+                if state.closed { return TransportError(.shutDown, "the transport is shut down") }
+                enqueue(wire, topic: topic, waiter: continuation, state: &state)
+                return nil
+            }
+            if let failure { continuation.resume(throwing: failure) } else { scheduleFlush() }
+        }
+        return zip(events, positions).map {
+            PublishAck(id: $0.id, partition: Int($1.partition), offset: $1.offset, duplicate: $1.duplicate)
+        }
+    }
+
+    private func enqueue(
+        _ events: [WireEvent], topic: String, waiter: CheckedContinuation<[WirePosition], any Error>,
+        state: inout State
+    ) {
+        let bytes = events.reduce(0) { $0 + $1.size + 8 }
+        if let last = state.outbox.indices.last, state.outbox[last].topic == topic,
+            state.outbox[last].events.count + events.count <= configuration.maxBatchEvents,
+            state.outbox[last].bytes + bytes <= 4 << 20
+        {
+            state.outbox[last].events.append(contentsOf: events)
+            state.outbox[last].bytes += bytes
+            state.outbox[last].waiters.append(PublishWaiter(count: events.count, continuation: waiter))
+        } else {
+            state.outbox.append(
+                PublishBatch(
+                    topic: topic, events: events, bytes: bytes,
+                    waiters: [PublishWaiter(count: events.count, continuation: waiter)]))
+        }
+    }
+
+    /// Sends what is queued in one write, soon (after the caller's burst), or connects first.
+    private func scheduleFlush() {
+        let channel = state.withLock { state -> (any Channel)? in
+            guard let connection = state.connection, connection.ready else { return nil }
+            if state.flushScheduled { return nil }
+            state.flushScheduled = true
+            return connection.channel
+        }
+        guard let channel else {
+            ensureConnected()
+            return
+        }
+        channel.eventLoop.execute { self.flush() }
+    }
+
+    private func flush() {
+        let (channel, buffer) = state.withLock { state -> ((any Channel)?, ByteBuffer?) in
+            state.flushScheduled = false
+            guard var connection = state.connection, connection.ready else { return (nil, nil) }
+            var buffer = connection.channel.allocator.buffer(capacity: 4096)
+            for batch in state.outbox {
+                let id = connection.machine.request(expecting: .published)
+                Message.publish(topic: batch.topic, events: batch.events).write(requestID: id, to: &buffer)
+                state.inflight[id] = batch
+            }
+            state.outbox = []
+            for (command, arguments, continuation) in state.adminOutbox {
+                let id = connection.machine.request(expecting: .adminResult)
+                Message.admin(command: command, arguments: arguments).write(requestID: id, to: &buffer)
+                state.admin[id] = continuation
+            }
+            state.adminOutbox = []
+            for id in Array(state.subscriptions.keys) where !state.subscriptions[id]!.outbox.isEmpty {
+                let waiters = state.subscriptions[id]!.outbox
+                state.subscriptions[id]!.outbox = []
+                state.subscriptions[id]!.inflight.append(waiters)
+                Message.settle(waiters.map(\.item)).write(requestID: id, to: &buffer)
+            }
+            state.connection = connection
+            return buffer.readableBytes > 0 ? (connection.channel, buffer) : (nil, nil)
+        }
+        if let channel, let buffer { channel.writeAndFlush(buffer, promise: nil) }
+    }
+
+    // MARK: Subscribing
+
+    public func subscribe(topic: String, group: String, options: SubscribeOptions) async throws -> DeliveryStream {
+        let id = state.withLock { state -> UInt32 in
+            state.nextSubscriptionID += 1
+            return state.nextSubscriptionID
+        }
+        let (stream, buffer) = DeliveryStream.make { [weak self] in self?.unsubscribe(id) }
+        let request = SubscribeRequest(
+            topic: topic, group: group, start: options.start == .earliest ? .earliest : .latest,
+            ackWaitMilliseconds: UInt32(clamping: options.ackWait.milliseconds),
+            maxDeliveries: UInt32(clamping: options.maxDeliveries),
+            backoffMilliseconds: options.backoff.map { UInt32(clamping: $0.milliseconds) }, ordered: options.ordered,
+            maxInFlight: UInt32(clamping: options.maxInFlight))
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let (failure, channel) = state.withLock { state -> (TransportError?, (any Channel)?) in
+                if state.closed { return (TransportError(.shutDown, "the transport is shut down"), nil) }
+                state.subscriptions[id] = Subscription(request: request, buffer: buffer, subscribed: continuation)
+                guard var connection = state.connection, connection.ready else { return (nil, nil) }
+                connection.machine.register(id, expecting: .deliver)
+                state.connection = connection
+                return (nil, connection.channel)
+            }
+            if let failure {
+                continuation.resume(throwing: failure)
+            } else if let channel {
+                send(.subscribe(request), requestID: id, on: channel)
+            } else {
+                ensureConnected()
+            }
+        }
+        return stream
+    }
+
+    /// The consumer stopped iterating: the broker sends nothing new, and what it holds stays settle-able until the
+    /// ack wait hands it to another member.
+    private func unsubscribe(_ id: UInt32) {
+        let channel = state.withLock { state -> (any Channel)? in
+            guard state.subscriptions[id] != nil else { return nil }
+            state.subscriptions[id]!.ended = true
+            guard let connection = state.connection, connection.ready else { return nil }
+            return connection.channel
+        }
+        if let channel { send(.unsubscribe, requestID: id, on: channel) }
+    }
+
+    fileprivate func settle(_ delivery: Delivery, _ settlement: Settlement, subscription: UInt32, generation: Int)
+        async throws
+    {
+        let wire: WireSettlement
+        switch settlement {
+        case .ack: wire = .ack
+        case .nack(let delay): wire = .nack(delayMilliseconds: UInt32(clamping: delay.milliseconds))
+        case .terminate(let reason): wire = .terminate(reason: reason)
+        }
+        let item = SettleItem(
+            settlement: wire, partition: UInt32(delivery.partition), offset: delivery.offset,
+            attempt: UInt32(delivery.attempt))
+        let stale = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Bool, any Error>) in
+            let failure = state.withLock { state -> TransportError? in
+                if state.closed { return TransportError(.shutDown, "the transport is shut down") }
+                guard state.connection?.generation == generation, state.subscriptions[subscription] != nil else {
+                    return TransportError(
+                        .staleAck, "the delivery came on a connection that is gone; the broker redelivers it")
+                }
+                state.subscriptions[subscription]!.outbox.append(SettleWaiter(item: item, continuation: continuation))
+                return nil
+            }
+            if let failure { continuation.resume(throwing: failure) } else { scheduleFlush() }
+        }
+        if stale {
+            throw TransportError(
+                .staleAck,
+                "delivery \(delivery.partition)/\(delivery.offset) attempt \(delivery.attempt) is no longer pending")
+        }
+    }
+
+    // MARK: Administration
+
+    /// Runs an administrative command on the broker (see `AdminCommand` in HeraldBroker); returns its JSON result.
+    public func admin(_ command: String, arguments: [UInt8] = []) async throws -> [UInt8] {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[UInt8], any Error>) in
+            let failure = state.withLock { state -> TransportError? in
+                if state.closed { return TransportError(.shutDown, "the transport is shut down") }
+                state.adminOutbox.append((command, arguments, continuation))
+                return nil
+            }
+            if let failure { continuation.resume(throwing: failure) } else { scheduleFlush() }
+        }
+    }
+
+    // MARK: The connection
+
+    private func send(_ message: Message, requestID: UInt32, on channel: any Channel) {
+        var buffer = channel.allocator.buffer(capacity: 64)
+        message.write(requestID: requestID, to: &buffer)
+        channel.writeAndFlush(buffer, promise: nil)
+    }
+
+    private func ensureConnected() {
+        let start = state.withLock { state -> Bool in
+            guard state.connection == nil, !state.connecting, !state.closed else { return false }
+            state.connecting = true
+            return true
+        }
+        guard start else { return }
+        let task = Task { await self.connectLoop() }
+        state.withLock { $0.connector = task }
+    }
+
+    private func connectLoop() async {
+        var delay = configuration.reconnectDelay.first
+        while !Task.isCancelled {
+            let generation = state.withLock { state -> Int? in
+                if state.closed { return nil }
+                state.generation += 1
+                return state.generation
+            }
+            guard let generation else { return }
+            do {
+                let channel = try await ClientBootstrap(group: group)
+                    .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .connectTimeout(.seconds(5))
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(
+                                ByteToMessageHandler(FrameDecoderHandler(maxFrameSize: 64 << 20)))
+                            try channel.pipeline.syncOperations.addHandler(
+                                ClientHandler(transport: self, generation: generation))
+                        }
+                    }
+                    .connect(host: configuration.host, port: configuration.port).get()
+                let hello = state.withLock { state -> Message? in
+                    state.connecting = false
+                    if state.closed { return nil }
+                    var connection = Connection(channel: channel, generation: generation)
+                    guard
+                        case .send(let message, _) = connection.machine.connected(
+                            Hello(client: configuration.clientName, credential: configuration.credential))
+                    else { return nil }
+                    state.connection = connection
+                    return message
+                }
+                guard let hello else {
+                    try? await channel.close()
+                    return
+                }
+                send(hello, requestID: 0, on: channel)
+                return
+            } catch {
+                logger.debug("cannot reach the broker; retrying", metadata: ["error": "\(error)", "delay": "\(delay)"])
+                try? await Task.sleep(for: delay)
+                delay = min(delay * 2, configuration.reconnectDelay.max)
+            }
+        }
+    }
+
+    fileprivate func received(_ frame: Frame, generation: Int) {
+        var resumes: [() -> Void] = []
+        var pushes: [(DeliveryBuffer, [Delivery])] = []
+        var outgoing: [(Message, UInt32)] = []
+        var close = false
+        let channel = state.withLock { state -> (any Channel)? in
+            guard var connection = state.connection, connection.generation == generation else { return nil }
+            let action = connection.machine.received(frame)
+            switch action {
+            case .none:
+                break
+            case .send(let message, let requestID):
+                outgoing.append((message, requestID))
+            case .ready:
+                connection.ready = true
+                for (id, subscription) in state.subscriptions where !subscription.ended {
+                    connection.machine.register(id, expecting: .deliver)
+                    outgoing.append((.subscribe(subscription.request), id))
+                }
+                state.flushScheduled = false
+            case .deliver(let wire, let id):
+                if let subscription = state.subscriptions[id], !subscription.ended {
+                    let settler = Settler(transport: self, subscription: id, generation: generation)
+                    var deliveries: [Delivery] = []
+                    deliveries.reserveCapacity(wire.count)
+                    for item in wire {
+                        guard let event = try? BinaryEvent.decode(item.event) else {
+                            logger.error("the broker sent an undecodable event; it will be redelivered")
+                            continue
+                        }
+                        deliveries.append(
+                            Delivery(
+                                event: event, attempt: Int(item.attempt), partition: Int(item.partition),
+                                offset: item.offset, settler: settler))
+                    }
+                    pushes.append((subscription.buffer, deliveries))
+                }
+            case .response(let message, let id):
+                resumes += respond(message, requestID: id, state: &state)
+            case .close(let error):
+                logger.warning("the broker connection failed", metadata: ["error": "\(error)"])
+                close = true
+            }
+            state.connection = connection
+            return connection.channel
+        }
+        for resume in resumes { resume() }
+        for (buffer, deliveries) in pushes { buffer.push(deliveries) }
+        if let channel {
+            for (message, id) in outgoing { send(message, requestID: id, on: channel) }
+            if close { channel.close(promise: nil) }
+        }
+        // Anything queued while the handshake ran goes out now.
+        if !outgoing.isEmpty || state.withLock({ !$0.outbox.isEmpty || !$0.adminOutbox.isEmpty }) { scheduleFlush() }
+    }
+
+    private func respond(_ message: Message, requestID id: UInt32, state: inout State) -> [() -> Void] {
+        if let batch = state.inflight.removeValue(forKey: id) {
+            switch message {
+            case .published(let positions) where positions.count == batch.events.count:
+                var start = 0
+                return batch.waiters.map { waiter in
+                    let slice = Array(positions[start..<(start + waiter.count)])
+                    start += waiter.count
+                    return { waiter.continuation.resume(returning: slice) }
+                }
+            case .error(let error):
+                let failure = TransportError(
+                    error.code == .invalidEvent || error.code == .invalidRequest ? .invalidRequest : .unavailable,
+                    error.message)
+                return batch.waiters.map { waiter in { waiter.continuation.resume(throwing: failure) } }
+            default:
+                let failure = TransportError(.unavailable, "the broker answered a publish with \(message.kind)")
+                return batch.waiters.map { waiter in { waiter.continuation.resume(throwing: failure) } }
+            }
+        }
+        if let continuation = state.admin.removeValue(forKey: id) {
+            switch message {
+            case .adminResult(let json): return [{ continuation.resume(returning: json) }]
+            case .error(let error):
+                return [{ continuation.resume(throwing: TransportError(.invalidRequest, error.message)) }]
+            default:
+                return [{ continuation.resume(throwing: TransportError(.unavailable, "unexpected \(message.kind)")) }]
+            }
+        }
+        guard var subscription = state.subscriptions[id] else { return [] }
+        defer { state.subscriptions[id] = subscription }
+        switch message {
+        case .subscribed:
+            guard let continuation = subscription.subscribed else { return [] }
+            subscription.subscribed = nil
+            return [{ continuation.resume() }]
+        case .settled(let stale):
+            guard let waiters = subscription.inflight.popFirst() else { return [] }
+            return zip(waiters, stale + Array(repeating: true, count: max(0, waiters.count - stale.count))).map {
+                waiter, flag in { waiter.continuation.resume(returning: flag) }
+            }
+        case .error(let error):
+            if let continuation = subscription.subscribed {
+                subscription.subscribed = nil
+                let buffer = subscription.buffer
+                return [
+                    {
+                        continuation.resume(throwing: TransportError(.invalidRequest, error.message))
+                        buffer.finish()
+                    }
+                ]
+            }
+            guard let waiters = subscription.inflight.popFirst() else { return [] }
+            let failure = TransportError(.unavailable, error.message)
+            return waiters.map { waiter in { waiter.continuation.resume(throwing: failure) } }
+        default:
+            return []
+        }
+    }
+
+    fileprivate func connectionLost(generation: Int) {
+        var resumes: [() -> Void] = []
+        let reconnect = state.withLock { state -> Bool in
+            guard let connection = state.connection, connection.generation == generation else { return false }
+            state.connection = nil
+            state.flushScheduled = false
+            // Publishes the broker did not answer go again (dedup makes a retry of a stored event harmless).
+            let unanswered = state.inflight.sorted { $0.key < $1.key }.map(\.value)
+            state.outbox = unanswered + state.outbox
+            state.inflight = [:]
+            let lost = TransportError(.unavailable, "the connection to the broker was lost")
+            for continuation in state.admin.values { resumes.append { continuation.resume(throwing: lost) } }
+            state.admin = [:]
+            let stale = TransportError(.staleAck, "the connection was lost before the settlement was confirmed")
+            for id in Array(state.subscriptions.keys) {
+                let waiters = state.subscriptions[id]!.outbox + state.subscriptions[id]!.inflight.flatMap { $0 }
+                state.subscriptions[id]!.outbox = []
+                state.subscriptions[id]!.inflight = []
+                for waiter in waiters { resumes.append { waiter.continuation.resume(throwing: stale) } }
+            }
+            return !state.closed
+        }
+        for resume in resumes { resume() }
+        if reconnect { ensureConnected() }
+    }
+
+    public func shutdown() async {
+        let (channel, connector, waiters) = state.withLock {
+            state -> ((any Channel)?, Task<Void, Never>?, [() -> Void]) in
+            state.closed = true
+            let failure = TransportError(.shutDown, "the transport is shut down")
+            var resumes: [() -> Void] = []
+            for batch in state.outbox + Array(state.inflight.values) {
+                for waiter in batch.waiters { resumes.append { waiter.continuation.resume(throwing: failure) } }
+            }
+            for continuation in state.admin.values { resumes.append { continuation.resume(throwing: failure) } }
+            for (_, _, continuation) in state.adminOutbox {
+                resumes.append { continuation.resume(throwing: failure) }
+            }
+            for subscription in state.subscriptions.values {
+                let buffer = subscription.buffer
+                for waiter in subscription.outbox + subscription.inflight.flatMap({ $0 }) {
+                    resumes.append { waiter.continuation.resume(throwing: failure) }
+                }
+                if let continuation = subscription.subscribed {
+                    resumes.append { continuation.resume(throwing: failure) }
+                }
+                resumes.append { buffer.finish() }
+            }
+            state.outbox = []
+            state.inflight = [:]
+            state.admin = [:]
+            state.adminOutbox = []
+            state.subscriptions = [:]
+            defer { state.connection = nil }
+            return (state.connection?.channel, state.connector, resumes)
+        }
+        connector?.cancel()
+        for resume in waiters { resume() }
+        try? await channel?.close()
+    }
+
+    struct Settler: DeliverySettler {
+        weak var transport: BrokerTransport?
+        let subscription: UInt32
+        let generation: Int
+
+        func settle(_ delivery: Delivery, _ settlement: Settlement) async throws {
+            guard let transport else { throw TransportError(.shutDown, "the transport is gone") }
+            try await transport.settle(delivery, settlement, subscription: subscription, generation: generation)
+        }
+    }
+}
+
+/// Passes frames and connection loss to the transport.
+final class ClientHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = Frame
+
+    let transport: BrokerTransport
+    let generation: Int
+
+    init(transport: BrokerTransport, generation: Int) {
+        self.transport = transport
+        self.generation = generation
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        transport.received(unwrapInboundIn(data), generation: generation)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        transport.connectionLost(generation: generation)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
+
+/// Splits the byte stream into frames.
+struct FrameDecoderHandler: ByteToMessageDecoder {
+    typealias InboundOut = Frame
+    let decoder: FrameDecoder
+
+    init(maxFrameSize: Int) {
+        decoder = FrameDecoder(maxFrameSize: maxFrameSize)
+    }
+
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let frame = try decoder.next(&buffer) else { return .needMoreData }
+        context.fireChannelRead(Self.wrapInboundOut(frame))
+        return .continue
+    }
+
+    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws
+        -> DecodingState
+    {
+        while try decode(context: context, buffer: &buffer) == .continue {}
+        return .needMoreData
+    }
+}
+
+extension Duration {
+    var milliseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
+    }
+}
