@@ -1,3 +1,4 @@
+import Foundation
 import Herald
 import HeraldLog
 import HeraldWire
@@ -53,10 +54,19 @@ public final class Broker: Service, Sendable {
     private static func recover(
         _ state: inout State, entries: [JournalEntry], configuration: BrokerConfiguration, logger: Logger
     ) throws {
-        for entry in entries {
+        // A topic's files are opened only for its last creation that no deletion follows.
+        var liveCreation: [String: Int] = [:]
+        for (index, entry) in entries.enumerated() {
+            switch entry {
+            case .topicCreated(let name, _, _): liveCreation[name] = index
+            case .topicDeleted(let name): liveCreation.removeValue(forKey: name)
+            default: break
+            }
+        }
+        for (index, entry) in entries.enumerated() {
             switch entry {
             case .topicCreated(let name, let partitions, let retention):
-                if state.topics[name] == nil {
+                if liveCreation[name] == index {
                     state.topics[name] = try openTopic(name, partitions, retention, configuration, logger)
                 }
             case .topicDeleted(let name):
@@ -81,6 +91,11 @@ public final class Broker: Service, Sendable {
                 guard let group = state.topics[topic]?.groups[group] else { continue }
                 group.priorAttempts[position] = max(group.priorAttempts[position] ?? 0, attempt)
             }
+        }
+        // Files of topics deleted just before a crash.
+        let topicsDirectory = configuration.dataDirectory + "/topics"
+        if let names = try? FileManager.default.contentsOfDirectory(atPath: topicsDirectory) {
+            for name in names where state.topics[name] == nil { Journal.removeTree(topicsDirectory + "/" + name) }
         }
         // Advance each cursor over the settled run at its start, so the next snapshot stays small.
         for topic in state.topics.values {

@@ -208,7 +208,12 @@ final class Journal: Sendable {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
                 String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
             }
-            if name != "." && name != ".." { unlink(path + "/" + name) }
+            guard name != "." && name != ".." else { continue }
+            if entry.pointee.d_type == UInt8(DT_DIR) {
+                removeTree(path + "/" + name)
+            } else {
+                unlink(path + "/" + name)
+            }
         }
         closedir(dir)
         rmdir(path)

@@ -1,0 +1,287 @@
+import Foundation
+import Herald
+import HeraldBroker
+import HeraldWire
+import Synchronization
+import Testing
+
+@Suite("Broker engine")
+struct BrokerEngineTests {
+    func openBroker(_ directory: String, configure: (inout BrokerConfiguration) -> Void = { _ in }) throws -> Broker {
+        var configuration = BrokerConfiguration(dataDirectory: directory, defaultPartitions: 2)
+        configure(&configuration)
+        return try Broker(configuration: configuration)
+    }
+
+    @Test func aDuplicateWithinTheWindowReturnsTheOriginalPositionEvenAfterARestart() async throws {
+        let directory = TestBroker.temporaryDirectory()
+        let event = sampleEvent(1)
+        var broker = try openBroker(directory)
+        let first = try await broker.publish(topic: "orders", events: [wire(event)])
+        let again = try await broker.publish(topic: "orders", events: [wire(event), wire(event)])
+        #expect(again.allSatisfy { $0.duplicate && $0.offset == first[0].offset && $0.partition == first[0].partition })
+        broker.close()
+        broker = try openBroker(directory)
+        let afterRestart = try await broker.publish(topic: "orders", events: [wire(event)])
+        #expect(afterRestart[0].duplicate, "the dedup table survives a restart")
+        #expect(afterRestart[0].offset == first[0].offset)
+        var otherSource = event
+        otherSource.source = "another-producer"
+        let other = try await broker.publish(topic: "orders", events: [wire(otherSource)])
+        #expect(!other[0].duplicate, "dedup is by (source, id)")
+        #expect(broker.topic("orders")!.endOffsets.reduce(0, +) == 2)
+        broker.close()
+        broker = try openBroker(directory) { $0.dedupWindow = .milliseconds(1) }
+        try await Task.sleep(for: .milliseconds(5))
+        let outside = try await broker.publish(topic: "orders", events: [wire(event)])
+        #expect(!outside[0].duplicate, "outside the window an id may be used again")
+    }
+
+    @Test func invalidEventsAreRefusedWithTheReasonAndNothingIsStored() async throws {
+        let broker = try openBroker(TestBroker.temporaryDirectory()) { $0.maxEventBytes = 1000 }
+        var bad = wire(sampleEvent(1))
+        bad.headers[bad.headers.count - 1] ^= 0xFF
+        await #expect(throws: BrokerError.self) {
+            try await broker.publish(topic: "t", events: [wire(sampleEvent(0)), bad])
+        }
+        do {
+            _ = try await broker.publish(topic: "t", events: [WireEvent(headers: [0, 0, 0], data: [])])
+        } catch {
+            #expect(error.code == .invalidEvent)
+            #expect(error.message.contains("specversion"))
+        }
+        let big = WireEvent(headers: wire(sampleEvent(2)).headers, data: Array(repeating: 0, count: 2000))
+        await #expect(throws: BrokerError.self) { try await broker.publish(topic: "t", events: [big]) }
+        await #expect(throws: BrokerError.self) {
+            try await broker.publish(topic: "../etc", events: [wire(sampleEvent(3))])
+        }
+        #expect((broker.topic("t")?.endOffsets.reduce(0, +) ?? 0) == 0)
+    }
+
+    @Test func acknowledgedEventsStayAcknowledgedAcrossARestart() async throws {
+        let directory = TestBroker.temporaryDirectory()
+        var broker = try openBroker(directory)
+        let events = (0..<40).map { sampleEvent($0) }
+        _ = try await broker.publish(topic: "t", events: events.map(wire))
+        let member = CollectingMember()
+        let id = try broker.subscribe(subscription("t"), member: member)
+        let delivered = try await member.take(atLeast: 40, ticking: broker)
+        #expect(delivered.count == 40)
+        let acked = delivered.filter { $0.offset % 3 != 0 }
+        let stale = broker.settle(
+            member: id,
+            acked.map { SettleItem(settlement: .ack, partition: $0.partition, offset: $0.offset, attempt: $0.attempt) })
+        #expect(stale.allSatisfy { !$0 })
+        broker.tick()
+        broker.close()
+        broker = try openBroker(directory)
+        let again = CollectingMember()
+        _ = try broker.subscribe(subscription("t"), member: again)
+        let redelivered = try await again.take(atLeast: 40 - acked.count, ticking: broker)
+        try await Task.sleep(for: .milliseconds(50))
+        let extra = again.take()
+        let expected = Set(delivered.filter { $0.offset % 3 == 0 }.map { "\($0.partition)/\($0.offset)" })
+        #expect(Set(redelivered.map { "\($0.partition)/\($0.offset)" }) == expected)
+        #expect(extra.isEmpty, "acknowledged events are not delivered again")
+    }
+
+    /// Random acks, nacks, terminations, ignored deliveries (ack timeouts) and stale acks against one group; checks
+    /// the outcome against a model: each event ends acked or dead-lettered exactly once, attempts count up by one,
+    /// dead letters carry the attempts and the reason, stale acks are refused and never applied.
+    @Test(arguments: [1, 2, 3])
+    func settlementFollowsTheModel(seed: UInt64) async throws {
+        var random = SplitMix(seed: seed)
+        let broker = try openBroker(TestBroker.temporaryDirectory()) { $0.fsync = .none }
+        let events = (0..<150).map { sampleEvent($0, key: "k\($0 % 5)") }
+        _ = try await broker.publish(topic: "model", events: events.map(wire))
+        let member = CollectingMember()
+        let maxDeliveries = 3
+        let id = try broker.subscribe(
+            subscription("model", ackWait: 200, maxDeliveries: UInt32(maxDeliveries), backoff: [5]), member: member)
+        enum Outcome { case acked, deadLettered }
+        var attempts: [Int64: Int] = [:]
+        var outcomes: [Int64: Outcome] = [:]
+        var expectDead: [Int64: Int] = [:]
+        let idOf = Dictionary(uniqueKeysWithValues: events.map { ($0.id.description, $0) })
+        let deadline = ContinuousClock.now + .seconds(20)
+        func key(_ d: WireDelivery) -> Int64 { Int64(d.partition) << 40 | d.offset }
+        while outcomes.count + expectDead.count < events.count, ContinuousClock.now < deadline {
+            broker.tick()
+            let batch = member.take()
+            let latest = Dictionary(batch.map { (key($0), $0.attempt) }, uniquingKeysWith: max)
+            for delivery in batch {
+                let position = key(delivery)
+                if delivery.attempt < latest[position]! {
+                    // Redelivered within this batch (the ack wait passed while the test was busy): superseded.
+                    attempts[position] = Int(delivery.attempt)
+                    #expect(
+                        broker.settle(
+                            member: id,
+                            [
+                                SettleItem(
+                                    settlement: .ack, partition: delivery.partition, offset: delivery.offset,
+                                    attempt: delivery.attempt)
+                            ])[0], "a superseded attempt cannot be acked")
+                    continue
+                }
+                #expect(outcomes[position] == nil, "nothing is delivered after it was acked")
+                #expect(Int(delivery.attempt) == (attempts[position] ?? 0) + 1, "attempts count up by one")
+                attempts[position] = Int(delivery.attempt)
+                #expect(idOf[try BinaryEvent.summary(delivery.event.headers).id] != nil)
+                func settle(_ settlement: WireSettlement, attempt: UInt32? = nil) -> Bool {
+                    broker.settle(
+                        member: id,
+                        [
+                            SettleItem(
+                                settlement: settlement, partition: delivery.partition, offset: delivery.offset,
+                                attempt: attempt ?? delivery.attempt)
+                        ])[0]
+                }
+                if delivery.attempt > 1 {
+                    #expect(settle(.ack, attempt: delivery.attempt - 1), "an ack of an earlier attempt is stale")
+                }
+                switch random.next() % 100 {
+                case 0..<50:
+                    #expect(!settle(.ack))
+                    outcomes[position] = .acked
+                case 50..<70:
+                    #expect(!settle(.nack(delayMilliseconds: 1)))
+                    if Int(delivery.attempt) >= maxDeliveries { expectDead[position] = Int(delivery.attempt) }
+                case 70..<75:
+                    #expect(!settle(.terminate(reason: "bad order")))
+                    expectDead[position] = Int(delivery.attempt)
+                default:
+                    // Ignored: the ack wait expires and it comes again, or is dead-lettered at the last attempt.
+                    if Int(delivery.attempt) >= maxDeliveries { expectDead[position] = Int(delivery.attempt) }
+                }
+            }
+            try await Task.sleep(for: .milliseconds(3))
+        }
+        #expect(outcomes.count + expectDead.count == events.count, "every event reached an outcome")
+        // The last ignored deliveries are dead-lettered when their ack wait expires.
+        let settled = ContinuousClock.now + .seconds(5)
+        while broker.groups(topic: "model")[0].pending > 0, ContinuousClock.now < settled {
+            broker.tick()
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        broker.tick()
+        let letters = try broker.deadLetters(topic: "model", limit: 1000)
+        #expect(letters.count == expectDead.count, "each dead letter is written exactly once")
+        #expect(Set(letters.map(\.id)).count == letters.count)
+        for letter in letters {
+            #expect(letter.extensions["deadlettergroup"] == .string("g"))
+            guard case .string(let reason)? = letter.extensions["deadletterreason"] else {
+                Issue.record("no reason")
+                continue
+            }
+            #expect(!reason.isEmpty)
+            guard case .integer(let count)? = letter.extensions["deliveryattempts"] else {
+                Issue.record("no attempts")
+                continue
+            }
+            #expect(reason.hasPrefix("terminated") || Int(count) == maxDeliveries)
+        }
+        let info = broker.groups(topic: "model")[0]
+        #expect(info.pending == 0 && info.lag == 0)
+        #expect(info.deadLettered == expectDead.count && info.acked == outcomes.count)
+        #expect(member.take().isEmpty, "nothing more is delivered")
+    }
+
+    @Test func orderedGroupsHaveOneEventInFlightPerKeyInOffsetOrder() async throws {
+        let broker = try openBroker(TestBroker.temporaryDirectory()) { $0.defaultPartitions = 1 }
+        let events = (0..<60).map { sampleEvent($0, key: "key-\($0 % 4)") }
+        _ = try await broker.publish(topic: "ordered", events: events.map(wire))
+        let member = CollectingMember()
+        let id = try broker.subscribe(subscription("ordered", ordered: true), member: member)
+        var seen: [String] = []
+        var handled = 0
+        let deadline = ContinuousClock.now + .seconds(10)
+        while handled < 60, ContinuousClock.now < deadline {
+            broker.tick()
+            let batch = member.take()
+            let keys = try batch.map { try #require(try BinaryEvent.decode($0.event).partitionkey) }
+            #expect(Set(keys).count == keys.count, "never two events of one key in flight")
+            seen += try batch.map { try BinaryEvent.decode($0.event).id.description }
+            _ = broker.settle(
+                member: id,
+                batch.map {
+                    SettleItem(settlement: .ack, partition: $0.partition, offset: $0.offset, attempt: $0.attempt)
+                })
+            handled += batch.count
+        }
+        for key in 0..<4 {
+            let expected = events.filter { $0.partitionkey == "key-\(key)" }.map(\.id.description)
+            #expect(seen.filter { expected.contains($0) } == expected, "key-\(key) in publish order")
+        }
+    }
+
+    @Test func aConsumerThatDoesNotSettleHoldsAtMostItsCredit() async throws {
+        let broker = try openBroker(TestBroker.temporaryDirectory()) { $0.fsync = .none }
+        _ = try await broker.publish(topic: "flood", events: (0..<3000).map { wire(sampleEvent($0)) })
+        let member = CollectingMember()
+        _ = try broker.subscribe(subscription("flood", maxInFlight: 25), member: member)
+        let received = try await member.take(atLeast: 25, ticking: broker)
+        for _ in 0..<10 { broker.tick() }
+        #expect(received.count + member.take().count == 25)
+        #expect(broker.inFlight(topic: "flood", group: "g") == 25)
+        member.accepting.store(false, ordering: .relaxed)
+        #expect(broker.groups(topic: "flood")[0].lag == 2975, "the rest waits in the log, not in memory")
+    }
+
+    @Test func deadLettersCanBeListedAndReplayedOnce() async throws {
+        let broker = try openBroker(TestBroker.temporaryDirectory())
+        _ = try await broker.publish(topic: "pay", events: [wire(sampleEvent(1)), wire(sampleEvent(2))])
+        let member = CollectingMember()
+        let id = try broker.subscribe(subscription("pay"), member: member)
+        let first = try await member.take(atLeast: 2, ticking: broker)
+        _ = broker.settle(
+            member: id,
+            first.map {
+                SettleItem(
+                    settlement: .terminate(reason: "card declined"), partition: $0.partition, offset: $0.offset,
+                    attempt: 1)
+            })
+        try await Task.sleep(for: .milliseconds(20))
+        let letters = try broker.deadLetters(topic: "pay")
+        #expect(letters.count == 2)
+        #expect(letters.allSatisfy { $0.extensions["deadletterreason"] == .string("terminated: card declined") })
+        #expect(try await broker.replayDeadLetters(topic: "pay") == 2)
+        #expect(try await broker.replayDeadLetters(topic: "pay") == 0, "each dead letter is replayed once")
+        let replayed = try await member.take(atLeast: 2, ticking: broker)
+        #expect(replayed.count == 2)
+        let decoded = try replayed.map { try BinaryEvent.decode($0.event) }
+        #expect(Set(decoded.map(\.id)) == Set(letters.map(\.id)), "the same events come back")
+        #expect(decoded.allSatisfy { $0.extensions["deadletterreason"] == nil })
+    }
+
+    @Test func topicsAndGroupsPersistAndCanBeDeleted() async throws {
+        let directory = TestBroker.temporaryDirectory()
+        var broker = try openBroker(directory)
+        try broker.createTopic("a", partitions: 3, retention: TopicRetention(maxAge: .seconds(60), maxBytes: nil))
+        #expect(throws: BrokerError.self) { try broker.createTopic("a", partitions: 5) }
+        _ = try broker.subscribe(subscription("a", "g1"), member: CollectingMember())
+        broker.close()
+        broker = try openBroker(directory)
+        #expect(broker.topic("a")?.partitions == 3)
+        #expect(broker.groups(topic: "a").map(\.group) == ["g1"])
+        try broker.deleteGroup(topic: "a", group: "g1")
+        try broker.deleteTopic("a")
+        broker.close()
+        broker = try openBroker(directory)
+        #expect(broker.topic("a") == nil)
+        #expect(!FileManager.default.fileExists(atPath: directory + "/topics/a"))
+    }
+}
+
+/// A small deterministic generator, so a failing seed can be replayed.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
