@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "HeraldTesting", targets: ["HeraldTesting"]),
         .library(name: "OrderSystem", targets: ["OrderSystem"]),
         .library(name: "HeraldLog", targets: ["HeraldLog"]),
+        .library(name: "HeraldWire", targets: ["HeraldWire"]),
         .library(name: "HeraldBroker", targets: ["HeraldBroker"]),
         .library(name: "HeraldClient", targets: ["HeraldClient"]),
         .executable(name: "herald", targets: ["HeraldCLI"]),
