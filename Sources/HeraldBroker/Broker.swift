@@ -1,3 +1,4 @@
+import DequeModule
 import Foundation
 import Herald
 import HeraldLog
@@ -26,6 +27,8 @@ public final class Broker: Service, Sendable {
     }
 
     public let configuration: BrokerConfiguration
+    /// Records an ordered group may hold back behind busy keys before a partition waits for its key.
+    static let maxParkedPerGroup = 100_000
     let logger: Logger
     let commit = GroupCommit()
     private let state: Mutex<State>
@@ -599,9 +602,12 @@ public final class Broker: Service, Sendable {
                     let attempt = redelivery.attempt + 1
                     batches[member, default: []].append(
                         deliver(record, at: redelivery.position, attempt: attempt, to: member, group: group, now: now))
-                    attemptsToRecord.append(
-                        .attempt(topic: topic.name, group: group.name, position: redelivery.position, attempt: attempt))
-                    group.redelivered += 1
+                    if attempt > 1 {
+                        attemptsToRecord.append(
+                            .attempt(
+                                topic: topic.name, group: group.name, position: redelivery.position, attempt: attempt))
+                        group.redelivered += 1
+                    }
                 }
                 group.redeliveries = remaining
             }
@@ -629,7 +635,13 @@ public final class Broker: Service, Sendable {
                         if group.options.ordered, let key = record.key.map({ String(decoding: $0, as: UTF8.self) }),
                             group.busyKeys[key] != nil
                         {
-                            continue partitions
+                            // Park it behind its key and let other keys pass (bounded; past the bound the
+                            // partition waits for the key instead).
+                            guard group.parkedCount < Broker.maxParkedPerGroup else { continue partitions }
+                            group.parked[key, default: []].append(position)
+                            group.parkedCount += 1
+                            group.cursors[index] = record.offset + 1
+                            continue
                         }
                         guard let member = group.pickMember() else { break partitions }
                         let attempt = (group.priorAttempts.removeValue(forKey: position) ?? 0) + 1
@@ -651,7 +663,7 @@ public final class Broker: Service, Sendable {
             }
         }
         if !attemptsToRecord.isEmpty {
-            state_appendJournal(attemptsToRecord)
+            bufferJournal(attemptsToRecord)
         }
     }
 
@@ -672,7 +684,7 @@ public final class Broker: Service, Sendable {
 
     /// Journal appends from inside `pump` (which already runs under the lock) go through this buffer.
     private let pendingJournal = Mutex<[JournalEntry]>([])
-    private func state_appendJournal(_ entries: [JournalEntry]) {
+    private func bufferJournal(_ entries: [JournalEntry]) {
         pendingJournal.withLock { $0.append(contentsOf: entries) }
     }
 
@@ -778,14 +790,11 @@ public final class Broker: Service, Sendable {
                 entries.append(
                     .groupCreated(topic: topic.name, group: group.name, options: group.options, cursors: floors))
                 var settled: [Position] = []
+                let unsettled = group.unsettled()
                 for partition in floors.indices {
                     for offset in floors[partition]..<group.cursors[partition] {
                         let position = Position(partition: partition, offset: offset)
-                        if group.pending[position] == nil
-                            && !group.redeliveries.contains(where: { $0.position == position })
-                        {
-                            settled.append(position)
-                        }
+                        if !unsettled.contains(position) { settled.append(position) }
                     }
                     for offset in group.settledAhead[partition] {
                         settled.append(Position(partition: partition, offset: offset))

@@ -57,6 +57,10 @@ final class GroupState {
     var pending: [Position: Pending] = [:]
     var redeliveries: [Redelivery] = []
     var busyKeys: [String: Int] = [:]
+    /// Ordered mode: records whose key was busy when the cursor passed them, in offset order per key. They go out
+    /// one at a time as their key frees, so other keys keep flowing past a slow one.
+    var parked: [String: Deque<Position>] = [:]
+    var parkedCount = 0
     var members: [Int: MemberSlot] = [:]
     var memberOrder: [Int] = []
     var nextMember = 0
@@ -81,7 +85,20 @@ final class GroupState {
         for redelivery in redeliveries where redelivery.position.offset < floors[redelivery.position.partition] {
             floors[redelivery.position.partition] = redelivery.position.offset
         }
+        for positions in parked.values {
+            for position in positions where position.offset < floors[position.partition] {
+                floors[position.partition] = position.offset
+            }
+        }
         return floors
+    }
+
+    /// Positions delivered or waiting but not settled for good.
+    func unsettled() -> Set<Position> {
+        var positions = Set(pending.keys)
+        for redelivery in redeliveries { positions.insert(redelivery.position) }
+        for queue in parked.values { positions.formUnion(queue) }
+        return positions
     }
 
     func pickMember() -> Int? {
@@ -96,9 +113,20 @@ final class GroupState {
         return nil
     }
 
+    /// A delivery of `key` settled for good: the key's next parked record (if any) goes out next, keeping the
+    /// key busy; otherwise the key is free.
     func release(_ key: String?) {
         guard let key, let count = busyKeys[key] else { return }
-        if count <= 1 { busyKeys.removeValue(forKey: key) } else { busyKeys[key] = count - 1 }
+        if count > 1 {
+            busyKeys[key] = count - 1
+        } else if let next = parked[key]?.popFirst() {
+            parkedCount -= 1
+            if parked[key]!.isEmpty { parked.removeValue(forKey: key) }
+            redeliveries.append(
+                Redelivery(due: 0, position: next, attempt: priorAttempts.removeValue(forKey: next) ?? 0))
+        } else {
+            busyKeys.removeValue(forKey: key)
+        }
     }
 }
 

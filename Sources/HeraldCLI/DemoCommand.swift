@@ -16,27 +16,39 @@ struct DemoCommand: AsyncParsableCommand {
     @Option(help: "Number of orders.") var orders = 1000
     @Option(help: "Seed that decides which payments fail.") var seed: UInt64 = 42
     @Option(help: "Percentage of orders whose payment fails.") var failPercent = 10
-    @Option(help: "local (one bus) or memory (one bus per service over the in-memory transport).")
-    var transport: String = "memory"
+    @Option(
+        help: """
+            broker (default: an embedded broker and each service in its own process), memory (one bus per service             over the in-memory transport, in this process) or local (one bus).
+            """)
+    var transport: String = "broker"
+    @Flag(help: "Run every service in this process (the same as --transport memory).") var inProcess = false
+    @Option(help: "With --transport broker: kill -9 this service a third of the way through, then start it again.")
+    var chaos: String?
     @Option(help: "How many orders' timelines to print.") var timeline = 3
     @Option(help: "Seconds to wait for every order to finish.") var timeout = 120
 
     func validate() throws {
-        guard OrderDemo.Topology(rawValue: transport) != nil else {
-            throw ValidationError("--transport must be one of: local, memory")
+        guard transport == "broker" || OrderDemo.Topology(rawValue: transport) != nil else {
+            throw ValidationError("--transport must be one of: broker, memory, local")
+        }
+        if let chaos, !OrderServices.names.contains(chaos) {
+            throw ValidationError("--chaos must name a service: \(OrderServices.names.joined(separator: ", "))")
         }
         guard orders > 0 else { throw ValidationError("--orders must be positive") }
         guard (0...100).contains(failPercent) else { throw ValidationError("--fail-percent must be 0...100") }
     }
 
     func run() async throws {
+        let mode = inProcess ? "memory" : transport
         let options = OrderDemo.Options(
-            orders: orders, seed: seed, failurePercent: failPercent, topology: OrderDemo.Topology(rawValue: transport)!,
-            timelineOrders: timeline, timeout: .seconds(timeout))
-        print(
-            "Herald order demo: \(orders) orders, seed \(seed), \(failPercent)% payment failures, transport \(transport)"
-        )
-        let report = try await OrderDemo.run(options)
+            orders: orders, seed: seed, failurePercent: failPercent,
+            topology: OrderDemo.Topology(rawValue: mode) ?? .memory, timelineOrders: timeline,
+            timeout: .seconds(timeout))
+        print("Herald order demo: \(orders) orders, seed \(seed), \(failPercent)% payment failures, transport \(mode)")
+        let report =
+            mode == "broker"
+            ? try await ProcessDemo.run(options, chaos: chaos.map(ProcessDemo.Chaos.init)) { print($0) }
+            : try await OrderDemo.run(options)
         print("")
         for (orderID, status, entries) in report.timelines {
             print("\(orderID)  → \(status?.rawValue ?? "unknown")")
@@ -57,7 +69,9 @@ struct DemoCommand: AsyncParsableCommand {
             "  latency     p50 \(format(seconds(report.latencyP50) * 1000, 3)) ms, p99 \(format(seconds(report.latencyP99) * 1000, 3)) ms (order placed → customer notified)"
         )
         print("  redelivered \(report.redeliveries) (handler failures retried by the transport)")
-        print("  stock       \(report.reservedStockLeft) reserved (expected \(report.expectedReservedStock))")
+        if let stock = report.reservedStockLeft {
+            print("  stock       \(stock) reserved (expected \(report.expectedReservedStock))")
+        }
         print(
             "  notified    \(orders - report.missingNotifications) of \(orders), \(report.duplicateNotifications) duplicates"
         )

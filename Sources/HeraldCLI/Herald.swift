@@ -6,6 +6,9 @@ struct HeraldCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "herald",
         abstract: "Herald: event-driven microservices for Swift.",
-        subcommands: [DemoCommand.self, BenchCommand.self]
+        subcommands: [
+            ServeCommand.self, PublishCommand.self, TailCommand.self, TopicsCommand.self, GroupsCommand.self,
+            DeadLettersCommand.self, ServiceCommand.self, DemoCommand.self, BenchCommand.self,
+        ]
     )
 }

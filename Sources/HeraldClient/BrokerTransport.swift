@@ -205,13 +205,21 @@ public final class BrokerTransport: EventTransport {
     // MARK: Subscribing
 
     public func subscribe(topic: String, group: String, options: SubscribeOptions) async throws -> DeliveryStream {
+        try await subscribe(
+            topic: topic, group: group, options: options, start: options.start == .earliest ? .earliest : .latest)
+    }
+
+    /// Joins a group that, when new, starts at `start` (an offset in every partition or a time, too).
+    public func subscribe(topic: String, group: String, options: SubscribeOptions, start: WireStart) async throws
+        -> DeliveryStream
+    {
         let id = state.withLock { state -> UInt32 in
             state.nextSubscriptionID += 1
             return state.nextSubscriptionID
         }
         let (stream, buffer) = DeliveryStream.make { [weak self] in self?.unsubscribe(id) }
         let request = SubscribeRequest(
-            topic: topic, group: group, start: options.start == .earliest ? .earliest : .latest,
+            topic: topic, group: group, start: start,
             ackWaitMilliseconds: UInt32(clamping: options.ackWait.milliseconds),
             maxDeliveries: UInt32(clamping: options.maxDeliveries),
             backoffMilliseconds: options.backoff.map { UInt32(clamping: $0.milliseconds) }, ordered: options.ordered,

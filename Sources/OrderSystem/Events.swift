@@ -102,6 +102,30 @@ public struct RefundPayment: OrderEvent, Hashable {
     }
 }
 
+/// A command to the orders service (addressed with `recipient`): a customer wants to place this order. Lets a
+/// storefront in another process (or language) place orders through the event stream alone.
+public struct PlaceOrder: OrderEvent, Hashable {
+    public static let eventType = "com.herald.orders.order.place"
+    public var order: OrderCreated
+    public var orderID: String { order.orderID }
+
+    public init(_ order: OrderCreated) {
+        self.order = order
+    }
+}
+
+/// The notifications service told the customer how their order ended (published once per notification sent).
+public struct CustomerNotified: OrderEvent, Hashable {
+    public static let eventType = "com.herald.notifications.customer.notified"
+    public var orderID: String
+    public var status: OrderStatus
+
+    public init(orderID: String, status: OrderStatus) {
+        self.orderID = orderID
+        self.status = status
+    }
+}
+
 /// The final state an order can reach.
 public enum OrderStatus: String, Codable, Sendable, CaseIterable {
     case pending

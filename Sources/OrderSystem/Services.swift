@@ -20,6 +20,10 @@ public final class OrdersService: Sendable {
         self.sagas = SagaManager(saga, store: sagaStore, bus: bus)
         sagas.start(service: OrdersService.name)
         let dedup = Deduplicate()
+        bus.subscribe(PlaceOrder.self, name: "orders.place", service: OrdersService.name, middleware: [dedup]) {
+            [self] command, _ in
+            try await self.place(command.order)
+        }
         bus.subscribe(OrderCompleted.self, name: "orders.completed", service: OrdersService.name, middleware: [dedup]) {
             [self] event, _ in
             self.book.withLock { $0.status[event.orderID] = .completed }
@@ -139,25 +143,34 @@ public final class NotificationsService: Sendable {
     private let duplicates = Mutex(0)
     private let onNotify: @Sendable (Notification) -> Void
 
-    public init(bus: EventBus, onNotify: @escaping @Sendable (Notification) -> Void = { _ in }) {
+    /// - Parameter announce: also publish `CustomerNotified` for each notification sent (so other processes can
+    ///   follow what customers were told).
+    public init(
+        bus: EventBus, announce: Bool = false, onNotify: @escaping @Sendable (Notification) -> Void = { _ in }
+    ) {
         self.bus = bus
         self.onNotify = onNotify
         let dedup = Deduplicate()
         bus.subscribe(
             OrderCompleted.self, name: "notifications.completed", service: NotificationsService.name,
             middleware: [dedup]
-        ) { [self] event, _ in
-            self.notify(event.orderID, .completed)
+        ) { [self] event, context in
+            if self.notify(event.orderID, .completed), announce {
+                try await context.publish(CustomerNotified(orderID: event.orderID, status: .completed))
+            }
         }
         bus.subscribe(
             OrderCancelled.self, name: "notifications.cancelled", service: NotificationsService.name,
             middleware: [dedup]
-        ) { [self] event, _ in
-            self.notify(event.orderID, .cancelled)
+        ) { [self] event, context in
+            if self.notify(event.orderID, .cancelled), announce {
+                try await context.publish(CustomerNotified(orderID: event.orderID, status: .cancelled))
+            }
         }
     }
 
-    private func notify(_ orderID: String, _ status: OrderStatus) {
+    /// Sends a notification unless this order's customer was already told; returns whether it was sent.
+    private func notify(_ orderID: String, _ status: OrderStatus) -> Bool {
         let notification = Notification(orderID: orderID, status: status, sentAt: monotonicNanoseconds())
         let first = sent.withLock { sent -> Bool in
             guard sent[orderID] == nil else { return false }
@@ -165,9 +178,28 @@ public final class NotificationsService: Sendable {
             return true
         }
         if first { onNotify(notification) } else { duplicates.withLock { $0 += 1 } }
+        return first
     }
 
     public var notifications: [String: Notification] { sent.withLock { $0 } }
     /// Notifications that would have reached a customer twice.
     public var duplicateNotifications: Int { duplicates.withLock { $0 } }
+}
+
+/// The order system's services by name, for hosting one per process.
+public enum OrderServices {
+    public static let names = [
+        OrdersService.name, PaymentsService.name, ShippingService.name, NotificationsService.name,
+    ]
+
+    /// Starts the named service's handlers on `bus`; returns the service object (keep it alive).
+    public static func start(_ name: String, on bus: EventBus, gateway: PaymentGateway) -> (any Sendable)? {
+        switch name {
+        case OrdersService.name: return OrdersService(bus: bus)
+        case PaymentsService.name: return PaymentsService(bus: bus, gateway: gateway)
+        case ShippingService.name: return ShippingService(bus: bus)
+        case NotificationsService.name: return NotificationsService(bus: bus, announce: true)
+        default: return nil
+        }
+    }
 }
