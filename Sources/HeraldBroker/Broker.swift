@@ -283,15 +283,33 @@ public final class Broker: Service, Sendable {
             return positions
         }
         defer { release(waits) }
-        for (partition, through) in waits {
-            do {
-                try await commit.waitDurable(partition.log, through: through)
-            } catch {
-                throw BrokerError(.unavailable, "the partition could not make the events durable: \(error)")
-            }
-        }
-        makeVisible(topic: name)
+        try await waitDurable(waits, topic: name)
         return positions
+    }
+
+    /// Waits until every touched partition is durable; consumers see the records as soon as the fsync returns
+    /// (on the sync queue, before the publisher's task even resumes).
+    private func waitDurable(_ waits: [(PartitionState, Int64)], topic name: String) async throws(BrokerError) {
+        guard !waits.isEmpty else { return }
+        let remaining = Mutex((count: waits.count, failure: (any Error)?.none))
+        do {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                for (partition, through) in waits {
+                    commit.whenDurable(partition.log, through: through) { [self] error in
+                        let (last, failure) = remaining.withLock { state -> (Bool, (any Error)?) in
+                            if let error, state.failure == nil { state.failure = error }
+                            state.count -= 1
+                            return (state.count == 0, state.failure)
+                        }
+                        guard last else { return }
+                        makeVisible(topic: name)
+                        if let failure { continuation.resume(throwing: failure) } else { continuation.resume() }
+                    }
+                }
+            }
+        } catch {
+            throw BrokerError(.unavailable, "the partition could not make the events durable: \(error)")
+        }
     }
 
     private func release(_ waits: [(PartitionState, Int64)]) {
@@ -617,7 +635,7 @@ public final class Broker: Service, Sendable {
                     let records: [LogRecord]
                     do {
                         records = try partition.log.read(
-                            from: group.cursors[index], upTo: partition.visible, maxRecords: 256)
+                            from: group.cursors[index], upTo: partition.visible, maxRecords: 256, maxBytes: 256 << 10)
                     } catch let error where error.code == .offsetOutOfRange {
                         group.cursors[index] = partition.log.startOffset
                         continue
@@ -926,13 +944,10 @@ public final class Broker: Service, Sendable {
         }
         defer { release(waits) }
         if configuration.fsync == .always {
-            for (partition, through) in waits {
-                do { try await commit.waitDurable(partition.log, through: through) } catch {
-                    throw BrokerError(.unavailable, "replayed events are not durable: \(error)")
-                }
-            }
+            try await waitDurable(waits, topic: name)
+        } else {
+            makeVisible(topic: name)
         }
-        makeVisible(topic: name)
         return events.count
     }
 

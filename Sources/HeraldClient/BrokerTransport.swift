@@ -53,8 +53,8 @@ public final class BrokerTransport: EventTransport {
     }
 
     struct SettleWaiter {
-        let item: SettleItem
-        let continuation: CheckedContinuation<Bool, any Error>
+        let items: [SettleItem]
+        let continuation: CheckedContinuation<[Bool], any Error>
     }
 
     struct Subscription {
@@ -194,7 +194,7 @@ public final class BrokerTransport: EventTransport {
                 let waiters = state.subscriptions[id]!.outbox
                 state.subscriptions[id]!.outbox = []
                 state.subscriptions[id]!.inflight.append(waiters)
-                Message.settle(waiters.map(\.item)).write(requestID: id, to: &buffer)
+                Message.settle(waiters.flatMap(\.items)).write(requestID: id, to: &buffer)
             }
             state.connection = connection
             return buffer.readableBytes > 0 ? (connection.channel, buffer) : (nil, nil)
@@ -259,32 +259,55 @@ public final class BrokerTransport: EventTransport {
     fileprivate func settle(_ delivery: Delivery, _ settlement: Settlement, subscription: UInt32, generation: Int)
         async throws
     {
-        let wire: WireSettlement
-        switch settlement {
-        case .ack: wire = .ack
-        case .nack(let delay): wire = .nack(delayMilliseconds: UInt32(clamping: delay.milliseconds))
-        case .terminate(let reason): wire = .terminate(reason: reason)
+        let item = SettleItem(settlement: wireSettlement(settlement), delivery: delivery)
+        if try await settle([item], subscription: subscription, generation: generation)[0] {
+            throw TransportError(
+                .staleAck, "delivery \(delivery.partition)/\(delivery.offset) attempt \(delivery.attempt) is no longer pending")
         }
-        let item = SettleItem(
-            settlement: wire, partition: UInt32(delivery.partition), offset: delivery.offset,
-            attempt: UInt32(delivery.attempt))
-        let stale = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Bool, any Error>) in
+    }
+
+    private func wireSettlement(_ settlement: Settlement) -> WireSettlement {
+        switch settlement {
+        case .ack: .ack
+        case .nack(let delay): .nack(delayMilliseconds: UInt32(clamping: delay.milliseconds))
+        case .terminate(let reason): .terminate(reason: reason)
+        }
+    }
+
+    /// Queues settlements for the next frame of the subscription; returns their stale flags.
+    private func settle(_ items: [SettleItem], subscription: UInt32, generation: Int) async throws -> [Bool] {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[Bool], any Error>) in
             let failure = state.withLock { state -> TransportError? in
                 if state.closed { return TransportError(.shutDown, "the transport is shut down") }
                 guard state.connection?.generation == generation, state.subscriptions[subscription] != nil else {
                     return TransportError(
                         .staleAck, "the delivery came on a connection that is gone; the broker redelivers it")
                 }
-                state.subscriptions[subscription]!.outbox.append(SettleWaiter(item: item, continuation: continuation))
+                state.subscriptions[subscription]!.outbox.append(SettleWaiter(items: items, continuation: continuation))
                 return nil
             }
             if let failure { continuation.resume(throwing: failure) } else { scheduleFlush() }
         }
-        if stale {
-            throw TransportError(
-                .staleAck,
-                "delivery \(delivery.partition)/\(delivery.offset) attempt \(delivery.attempt) is no longer pending")
+    }
+
+    /// Settles many deliveries of this transport at once (one frame, one wait): for consumers that handle
+    /// batches. Returns, per delivery, whether it was stale; throws when the connection is gone.
+    public func settle(_ deliveries: [Delivery], _ settlement: Settlement) async throws -> [Bool] {
+        var results = [Bool](repeating: true, count: deliveries.count)
+        // Group by subscription and connection, as the broker settles per subscription.
+        var groups: [Settler: [Int]] = [:]
+        for (index, delivery) in deliveries.enumerated() {
+            guard let settler = delivery.settler as? Settler, settler.transport === self else {
+                throw TransportError(.invalidRequest, "delivery \(delivery.offset) did not come from this transport")
+            }
+            groups[settler, default: []].append(index)
         }
+        for (settler, indices) in groups {
+            let items = indices.map { SettleItem(settlement: wireSettlement(settlement), delivery: deliveries[$0]) }
+            let stale = try await settle(items, subscription: settler.subscription, generation: settler.generation)
+            for (index, flag) in zip(indices, stale) { results[index] = flag }
+        }
+        return results
     }
 
     // MARK: Administration
@@ -461,8 +484,11 @@ public final class BrokerTransport: EventTransport {
             return [{ continuation.resume() }]
         case .settled(let stale):
             guard let waiters = subscription.inflight.popFirst() else { return [] }
-            return zip(waiters, stale + Array(repeating: true, count: max(0, waiters.count - stale.count))).map {
-                waiter, flag in { waiter.continuation.resume(returning: flag) }
+            var start = 0
+            return waiters.map { waiter in
+                let flags = (start..<(start + waiter.items.count)).map { $0 < stale.count ? stale[$0] : true }
+                start += waiter.items.count
+                return { waiter.continuation.resume(returning: flags) }
             }
         case .error(let error):
             if let continuation = subscription.subscribed {
@@ -545,7 +571,16 @@ public final class BrokerTransport: EventTransport {
         try? await channel?.close()
     }
 
-    struct Settler: DeliverySettler {
+    struct Settler: DeliverySettler, Hashable {
+        static func == (lhs: Settler, rhs: Settler) -> Bool {
+            lhs.subscription == rhs.subscription && lhs.generation == rhs.generation
+        }
+
+        func hash(into hasher: inout Hasher) {
+            hasher.combine(subscription)
+            hasher.combine(generation)
+        }
+
         weak var transport: BrokerTransport?
         let subscription: UInt32
         let generation: Int
@@ -610,5 +645,13 @@ extension Duration {
     var milliseconds: Int64 {
         let (seconds, attoseconds) = components
         return seconds * 1000 + attoseconds / 1_000_000_000_000_000
+    }
+}
+
+extension SettleItem {
+    init(settlement: WireSettlement, delivery: Delivery) {
+        self.init(
+            settlement: settlement, partition: UInt32(delivery.partition), offset: delivery.offset,
+            attempt: UInt32(delivery.attempt))
     }
 }

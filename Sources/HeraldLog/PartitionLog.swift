@@ -159,10 +159,20 @@ public final class PartitionLog: Sendable {
     /// Visits the valid frames of a segment from `start`: `visit(offset, timestamp, position, size)` returns a reason
     /// to treat the frame as invalid, or nil to go on. Reads the file in chunks of 1 MiB (or one whole frame).
     static func scan(
-        _ segment: Segment, from start: Int, maxBody: Int,
+        _ segment: Segment, from start: Int, maxBody: Int, chunk: Int = 1 << 20,
         visit: (Int64, Int64, Int, Int) throws(LogError) -> String?
     ) throws(LogError) -> ScanStop {
-        let chunk = 1 << 20
+        try scanFrames(segment, from: start, maxBody: maxBody, chunk: chunk) {
+            offset, timestamp, position, size, _ throws(LogError) in
+            try visit(offset, timestamp, position, size)
+        }
+    }
+
+    /// `scan`, also lending each frame's bytes to the visitor (valid only during the call).
+    static func scanFrames(
+        _ segment: Segment, from start: Int, maxBody: Int, chunk: Int,
+        visit: (Int64, Int64, Int, Int, UnsafeRawBufferPointer) throws(LogError) -> String?
+    ) throws(LogError) -> ScanStop {
         var bufferStart = start
         var buffer = try segment.read(at: start, count: chunk)
         var cursor = 0
@@ -174,7 +184,17 @@ public final class PartitionLog: Sendable {
             }
             switch checked {
             case .valid(let offset, let timestamp, let size):
-                if let reason = try visit(offset, timestamp, position, size) { return .invalid(position, reason) }
+                let outcome = buffer.withUnsafeBytes { raw -> Result<String?, LogError> in
+                    do throws(LogError) {
+                        return .success(
+                            try visit(
+                                offset, timestamp, position, size,
+                                UnsafeRawBufferPointer(rebasing: raw[cursor..<(cursor + size)])))
+                    } catch {
+                        return .failure(error)
+                    }
+                }
+                if let reason = try outcome.get() { return reason == "done" ? .stopped(position) : .invalid(position, reason) }
                 cursor += size
             case .incomplete(let needed):
                 if bufferStart + buffer.count >= segment.size || position + needed > segment.size {
@@ -341,32 +361,24 @@ public final class PartitionLog: Sendable {
                 return records
             }
             var segmentIndex = state.segments.lastIndex { $0.baseOffset <= offset } ?? 0
-            while segmentIndex < state.segments.count, records.count < maxRecords, bytes < maxBytes {
+            var done = false
+            while !done, segmentIndex < state.segments.count {
                 let segment = state.segments[segmentIndex]
-                let from = segment.position(before: offset)
-                var buffer: [UInt8] = []
-                var bufferStart = 0
-                _ = try PartitionLog.scan(segment, from: from, maxBody: configuration.maxRecordBytes) {
-                    recordOffset, _, position, size throws(LogError) -> String? in
+                _ = try PartitionLog.scanFrames(
+                    segment, from: segment.position(before: offset), maxBody: configuration.maxRecordBytes,
+                    // Small reads: below malloc's mmap threshold, so a read costs no page faults.
+                    chunk: 64 << 10
+                ) { recordOffset, _, _, size, frame in
                     if recordOffset < offset { return nil }
-                    if recordOffset >= end || records.count >= maxRecords
-                        || (!records.isEmpty && bytes + size > maxBytes)
-                    {
+                    if recordOffset >= end || records.count >= maxRecords || (!records.isEmpty && bytes + size > maxBytes) {
+                        done = true
                         return "done"
                     }
-                    if position < bufferStart || position + size > bufferStart + buffer.count {
-                        bufferStart = position
-                        buffer = try segment.read(at: position, count: max(size, maxBytes - bytes))
-                    }
-                    let record = buffer.withUnsafeBytes {
-                        RecordFormat.decode(UnsafeRawBufferPointer(rebasing: $0[(position - bufferStart)...]))
-                    }
-                    records.append(record)
+                    records.append(RecordFormat.decode(frame))
                     bytes += size
                     return nil
                 }
                 segmentIndex += 1
-                if records.last.map({ $0.offset + 1 >= end }) ?? false { break }
             }
             return records
         }

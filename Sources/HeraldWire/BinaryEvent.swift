@@ -196,7 +196,9 @@ public enum BinaryEvent {
         guard flags & ~1 == 0 else { throw malformed("unknown flags \(flags)") }
         let count = Int(headers[1]) | Int(headers[2]) << 8
         var cursor = 3
-        var seen = Set<String>()
+        // Few attributes: a linear search beats hashing every name.
+        var seen: [String] = []
+        seen.reserveCapacity(count)
         for _ in 0..<count {
             guard cursor < headers.count else { throw malformed("fewer entries than announced") }
             let nameLength = Int(headers[cursor])
@@ -204,7 +206,8 @@ public enum BinaryEvent {
             guard cursor + nameLength + 1 <= headers.count else { throw malformed("a name overruns the headers") }
             let name = String(decoding: headers[cursor..<(cursor + nameLength)], as: UTF8.self)
             cursor += nameLength
-            guard seen.insert(name).inserted else { throw malformed("attribute '\(name)' appears twice") }
+            guard !seen.contains(name) else { throw malformed("attribute '\(name)' appears twice") }
+            seen.append(name)
             guard let tag = Tag(rawValue: headers[cursor]) else { throw malformed("unknown value tag") }
             cursor += 1
             let value: Value

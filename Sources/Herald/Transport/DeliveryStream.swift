@@ -29,6 +29,10 @@ public struct DeliveryStream: AsyncSequence, Sendable {
         public mutating func next() async throws -> Delivery? {
             try await box.next()
         }
+
+        /// Whether `next()` would return at once (deliveries of the last batch remain): consumers that settle in
+        /// batches settle when this turns false.
+        public var hasBuffered: Bool { !box.local.isEmpty }
     }
 
     public final class IteratorBox: @unchecked Sendable {

@@ -97,7 +97,8 @@ public struct Delivery: Sendable {
     public let attempt: Int
     public let partition: Int
     public let offset: Int64
-    let settler: any DeliverySettler
+    /// The transport object that settles this delivery (transports use it to batch settlements).
+    public let settler: any DeliverySettler
 
     public init(event: CloudEvent, attempt: Int, partition: Int, offset: Int64, settler: any DeliverySettler) {
         self.event = event
