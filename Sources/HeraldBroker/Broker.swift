@@ -24,6 +24,8 @@ public final class Broker: Service, Sendable {
         var memberGroups: [Int: (topic: String, group: String)] = [:]
         var closed = false
         var lastRetention: UInt64 = 0
+        /// The journal's size right after the last compaction.
+        var journalSnapshotBytes = 0
     }
 
     public let configuration: BrokerConfiguration
@@ -770,6 +772,7 @@ public final class Broker: Service, Sendable {
                 state.lastRetention = now
                 enforceRetention(&state)
             }
+            compactJournalIfNeeded(&state)
             defer { state.journalDirty = false }
             return (deliveries, state.journalDirty && configuration.fsync != .none ? state.journal.log : nil)
         }
@@ -787,13 +790,20 @@ public final class Broker: Service, Sendable {
                 }
             }
         }
-        if state.journal.log.sizeInBytes > configuration.journalCompactionBytes {
-            do {
-                state.journal = try state.journal.compacted(
-                    into: snapshot(state), dataDirectory: configuration.dataDirectory)
-            } catch {
-                logger.error("journal compaction failed; the old journal stays", metadata: ["error": "\(error)"])
-            }
+    }
+
+    /// Rewrites the journal as a snapshot of the current metadata once it has grown past the limit.
+    private func compactJournalIfNeeded(_ state: inout State) {
+        // Past the limit, and at least twice what the last snapshot took (a snapshot larger than the limit must not
+        // be rewritten on every tick).
+        let size = state.journal.log.sizeInBytes
+        guard size > configuration.journalCompactionBytes, size > 2 * state.journalSnapshotBytes else { return }
+        do {
+            state.journal = try state.journal.compacted(
+                into: snapshot(state), dataDirectory: configuration.dataDirectory)
+            state.journalSnapshotBytes = state.journal.log.sizeInBytes
+        } catch {
+            logger.error("journal compaction failed; the old journal stays", metadata: ["error": "\(error)"])
         }
     }
 
@@ -821,11 +831,12 @@ public final class Broker: Service, Sendable {
                 if !settled.isEmpty {
                     entries.append(.settled(topic: topic.name, group: group.name, positions: settled))
                 }
-                for (position, pending) in group.pending {
+                // Attempt 1 is what an unrecorded delivery counts as; only later attempts need a record.
+                for (position, pending) in group.pending where pending.attempt > 1 {
                     entries.append(
                         .attempt(topic: topic.name, group: group.name, position: position, attempt: pending.attempt))
                 }
-                for redelivery in group.redeliveries {
+                for redelivery in group.redeliveries where redelivery.attempt > 0 {
                     entries.append(
                         .attempt(
                             topic: topic.name, group: group.name, position: redelivery.position,

@@ -41,7 +41,8 @@ struct BrokerBench: AsyncParsableCommand {
             var logger = Logger(label: "herald.bench")
             logger.logLevel = .warning
             let engine = try Broker(
-                configuration: BrokerConfiguration(dataDirectory: directory, fsync: policy, tick: .milliseconds(tickMs)), logger: logger)
+                configuration: BrokerConfiguration(
+                    dataDirectory: directory, fsync: policy, tick: .milliseconds(tickMs)), logger: logger)
             let server = BrokerServer(broker: engine, port: 0, logger: logger)
             let port = try await server.start()
             embedded = (engine, server, Task { try? await engine.run() })
@@ -99,7 +100,8 @@ struct BrokerBench: AsyncParsableCommand {
         let start = monotonicNanoseconds()
         try await withThrowingTaskGroup(of: Void.self) { group in
             for publisher in 0..<publishers {
-                let mine = Array(prepared[min(events, publisher * perPublisher)..<min(events, (publisher + 1) * perPublisher)])
+                let mine = Array(
+                    prepared[min(events, publisher * perPublisher)..<min(events, (publisher + 1) * perPublisher)])
                 group.addTask {
                     var index = 0
                     while index < mine.count {

@@ -262,7 +262,8 @@ public final class BrokerTransport: EventTransport {
         let item = SettleItem(settlement: wireSettlement(settlement), delivery: delivery)
         if try await settle([item], subscription: subscription, generation: generation)[0] {
             throw TransportError(
-                .staleAck, "delivery \(delivery.partition)/\(delivery.offset) attempt \(delivery.attempt) is no longer pending")
+                .staleAck,
+                "delivery \(delivery.partition)/\(delivery.offset) attempt \(delivery.attempt) is no longer pending")
         }
     }
 

@@ -194,7 +194,9 @@ public final class PartitionLog: Sendable {
                         return .failure(error)
                     }
                 }
-                if let reason = try outcome.get() { return reason == "done" ? .stopped(position) : .invalid(position, reason) }
+                if let reason = try outcome.get() {
+                    return reason == "done" ? .stopped(position) : .invalid(position, reason)
+                }
                 cursor += size
             case .incomplete(let needed):
                 if bufferStart + buffer.count >= segment.size || position + needed > segment.size {
@@ -370,7 +372,9 @@ public final class PartitionLog: Sendable {
                     chunk: 64 << 10
                 ) { recordOffset, _, _, size, frame in
                     if recordOffset < offset { return nil }
-                    if recordOffset >= end || records.count >= maxRecords || (!records.isEmpty && bytes + size > maxBytes) {
+                    if recordOffset >= end || records.count >= maxRecords
+                        || (!records.isEmpty && bytes + size > maxBytes)
+                    {
                         done = true
                         return "done"
                     }

@@ -270,7 +270,7 @@ public enum TransportConformance {
                 group.addTask {
                     var got: [Delivery] = []
                     var iterator = stream.makeAsyncIterator()
-                    while counter.value < total, let delivery = try await nextWithin(&iterator, .seconds(1)) {
+                    while counter.value < total, let delivery = try await nextWithin(&iterator, .seconds(5)) {
                         do {
                             try await delivery.ack()
                         } catch let error as TransportError where error.code == .staleAck {

@@ -54,7 +54,9 @@ final class BrokerProcess: @unchecked Sendable {
         address.sin_addr.s_addr = inet_addr("127.0.0.1")
         address.sin_port = 0
         _ = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
         }
         var length = socklen_t(MemoryLayout<sockaddr_in>.size)
         _ = withUnsafeMutablePointer(to: &address) {
@@ -161,8 +163,7 @@ struct CrashRecoveryTests {
         }
     }
 
-    func admin(_ transport: BrokerTransport, _ command: String, _ arguments: [String: String]) async throws -> [UInt8]
-    {
+    func admin(_ transport: BrokerTransport, _ command: String, _ arguments: [String: String]) async throws -> [UInt8] {
         try await transport.admin(command, arguments: Array(try JSONSerialization.data(withJSONObject: arguments)))
     }
 
