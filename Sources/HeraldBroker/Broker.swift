@@ -252,6 +252,54 @@ public final class Broker: Service, Sendable {
     /// Appends a batch; returns each event's position once the batch is as durable as the fsync policy promises.
     /// A (`source`, `id`) seen within the dedup window returns the original's position, flagged duplicate.
     public func publish(topic name: String, events: [WireEvent]) async throws(BrokerError) -> [WirePosition] {
+        let result = await withCheckedContinuation {
+            (continuation: CheckedContinuation<Result<[WirePosition], BrokerError>, Never>) in
+            publish(topic: name, events: events) { continuation.resume(returning: $0) }
+        }
+        return try result.get()
+    }
+
+    /// The same, calling `completion` (on the caller's thread when it fails at once or does not wait for an fsync,
+    /// else on the sync thread right after the fsync). Network servers use this form: no task hop on the way.
+    public func publish(
+        topic name: String, events: [WireEvent],
+        completion: @escaping @Sendable (Result<[WirePosition], BrokerError>) -> Void
+    ) {
+        let summaries: [EventSummary]
+        let positions: [WirePosition]
+        let waits: [(PartitionState, Int64)]
+        let deliveries: [Outgoing]
+        do throws(BrokerError) {
+            summaries = try validate(events, topic: name)
+            (positions, waits, deliveries) = try state.withLock {
+                state throws(BrokerError) -> ([WirePosition], [(PartitionState, Int64)], [Outgoing]) in
+                let topic = try topicLocked(name, state: &state)
+                let (positions, touched) = try appendLocked(
+                    topic, events, summaries, dedupGroup: { _ in nil }, bypassDedup: false)
+                var deliveries: [Outgoing] = []
+                if configuration.fsync != .always {
+                    for (partition, _) in touched { partition.visible = partition.log.nextOffset }
+                    pump(topic, now: monotonicNanoseconds(), into: &deliveries)
+                }
+                return (positions, touched, deliveries)
+            }
+        } catch {
+            completion(.failure(error))
+            return
+        }
+        hand(deliveries)
+        guard configuration.fsync == .always else {
+            release(waits)
+            completion(.success(positions))
+            return
+        }
+        whenDurable(waits, topic: name) { [self] failure in
+            release(waits)
+            completion(failure.map { .failure($0) } ?? .success(positions))
+        }
+    }
+
+    private func validate(_ events: [WireEvent], topic name: String) throws(BrokerError) -> [EventSummary] {
         try Broker.validateName(name, what: "topic")
         var summaries: [EventSummary] = []
         summaries.reserveCapacity(events.count)
@@ -267,51 +315,43 @@ public final class Broker: Service, Sendable {
                 throw BrokerError(.invalidEvent, "event \(index) is not a valid CloudEvent: \(error.message)")
             }
         }
-        let (positions, waits, deliveries) = try state.withLock {
-            state throws(BrokerError) -> ([WirePosition], [(PartitionState, Int64)], [Outgoing]) in
-            let topic = try topicLocked(name, state: &state)
-            let (positions, touched) = try appendLocked(
-                topic, events, summaries, dedupGroup: { _ in nil }, bypassDedup: false)
-            var deliveries: [Outgoing] = []
-            if configuration.fsync != .always {
-                for (partition, _) in touched { partition.visible = partition.log.nextOffset }
-                pump(topic, now: monotonicNanoseconds(), into: &deliveries)
-            }
-            return (positions, touched, deliveries)
-        }
-        hand(deliveries)
-        guard configuration.fsync == .always else {
-            release(waits)
-            return positions
-        }
-        defer { release(waits) }
-        try await waitDurable(waits, topic: name)
-        return positions
+        return summaries
     }
 
-    /// Waits until every touched partition is durable; consumers see the records as soon as the fsync returns
-    /// (on the sync queue, before the publisher's task even resumes).
-    private func waitDurable(_ waits: [(PartitionState, Int64)], topic name: String) async throws(BrokerError) {
-        guard !waits.isEmpty else { return }
-        let remaining = Mutex((count: waits.count, failure: (any Error)?.none))
-        do {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                for (partition, through) in waits {
-                    commit.whenDurable(partition.log, through: through) { [self] error in
-                        let (last, failure) = remaining.withLock { state -> (Bool, (any Error)?) in
-                            if let error, state.failure == nil { state.failure = error }
-                            state.count -= 1
-                            return (state.count == 0, state.failure)
-                        }
-                        guard last else { return }
-                        makeVisible(topic: name)
-                        if let failure { continuation.resume(throwing: failure) } else { continuation.resume() }
-                    }
-                }
-            }
-        } catch {
-            throw BrokerError(.unavailable, "the partition could not make the events durable: \(error)")
+    /// Calls `completion` once every touched partition is durable (or failed); consumers see the records as soon
+    /// as the fsync returns, before the publisher hears back.
+    private func whenDurable(
+        _ waits: [(PartitionState, Int64)], topic name: String,
+        _ completion: @escaping @Sendable (BrokerError?) -> Void
+    ) {
+        guard !waits.isEmpty else {
+            completion(nil)
+            return
         }
+        let remaining = Mutex((count: waits.count, failure: (any Error)?.none))
+        for (partition, through) in waits {
+            commit.whenDurable(partition.log, through: through) { [self] error in
+                let (last, failure) = remaining.withLock { state -> (Bool, (any Error)?) in
+                    if let error, state.failure == nil { state.failure = error }
+                    state.count -= 1
+                    return (state.count == 0, state.failure)
+                }
+                guard last else { return }
+                makeVisible(topic: name)
+                completion(
+                    failure.map {
+                        BrokerError(.unavailable, "the partition could not make the events durable: \($0)")
+                    })
+            }
+        }
+    }
+
+    /// Waits until every touched partition is durable.
+    private func waitDurable(_ waits: [(PartitionState, Int64)], topic name: String) async throws(BrokerError) {
+        let failure = await withCheckedContinuation { (continuation: CheckedContinuation<BrokerError?, Never>) in
+            whenDurable(waits, topic: name) { continuation.resume(returning: $0) }
+        }
+        if let failure { throw failure }
     }
 
     private func release(_ waits: [(PartitionState, Int64)]) {
@@ -342,7 +382,7 @@ public final class Broker: Service, Sendable {
         var positions = [WirePosition?](repeating: nil, count: events.count)
         var batches = [[Int]](repeating: [], count: topic.partitions.count)
         var through = [Int64](repeating: -1, count: topic.partitions.count)
-        var batchKeys: [String: Int] = [:]
+        var batchKeys: [DedupTable.Key: Int] = [:]
         var duplicatesOfBatch: [(Int, Int)] = []
         for (index, summary) in summaries.enumerated() {
             let key = DedupTable.key(source: summary.source, id: summary.id, group: dedupGroup(index))

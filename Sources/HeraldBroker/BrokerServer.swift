@@ -212,7 +212,7 @@ final class BrokerConnectionHandler: ChannelInboundHandler {
                 } catch {
                     reply = .error((error as? BrokerError)?.wireError ?? WireError(.internalError, "\(error)"))
                 }
-                var buffer = channel.allocator.buffer(capacity: 64)
+                var buffer = channel.allocator.buffer(capacity: 16 + 13 * events.count)
                 reply.write(requestID: requestID, to: &buffer)
                 channel.writeAndFlush(buffer, promise: nil)
             }

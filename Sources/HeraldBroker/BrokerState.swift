@@ -11,7 +11,10 @@ public protocol BrokerMember: AnyObject, Sendable {
 }
 
 /// One partition of a topic: its log and how far consumers may read.
-final class PartitionState {
+///
+/// `@unchecked Sendable`: `log` is Sendable and never changes; `visible` and `unacknowledged` are read and written
+/// only under the broker's lock (publish completions that run on the sync thread take it first).
+final class PartitionState: @unchecked Sendable {
     let log: PartitionLog
     /// Offsets below this are visible to consumers (durable under `fsync: always`, written otherwise).
     var visible: Int64
@@ -137,11 +140,18 @@ struct DedupTable {
         let at: UInt64
     }
 
-    var entries: [String: Entry] = [:]
-    var order = Deque<(String, UInt64)>()
+    /// An event's identity for dedup; dead letters also by the group that gave up on them.
+    struct Key: Hashable {
+        let source: String
+        let id: String
+        let group: String?
+    }
 
-    static func key(source: String, id: String, group: String?) -> String {
-        group.map { "\(source)\u{0}\(id)\u{0}\($0)" } ?? "\(source)\u{0}\(id)"
+    var entries: [Key: Entry] = [:]
+    var order = Deque<(Key, UInt64)>()
+
+    static func key(source: String, id: String, group: String?) -> Key {
+        Key(source: source, id: id, group: group)
     }
 
     mutating func expire(now: UInt64, window: UInt64) {
@@ -151,7 +161,7 @@ struct DedupTable {
         }
     }
 
-    mutating func insert(_ key: String, _ position: Position, at: UInt64) {
+    mutating func insert(_ key: Key, _ position: Position, at: UInt64) {
         entries[key] = Entry(position: position, at: at)
         order.append((key, at))
     }
