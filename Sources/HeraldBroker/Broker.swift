@@ -24,6 +24,7 @@ public final class Broker: Service, Sendable {
         var memberGroups: [Int: (topic: String, group: String)] = [:]
         var closed = false
         var lastRetention: UInt64 = 0
+        var lastIntervalSync: UInt64 = 0
         /// The journal's size right after the last compaction.
         var journalSnapshotBytes = 0
     }
@@ -230,6 +231,7 @@ public final class Broker: Service, Sendable {
         TopicInfo(
             name: topic.name, partitions: topic.partitions.count,
             startOffsets: topic.partitions.map(\.log.startOffset), endOffsets: topic.partitions.map(\.log.nextOffset),
+            durableOffsets: topic.partitions.map(\.log.durableOffset),
             bytes: topic.partitions.reduce(0) { $0 + $1.log.sizeInBytes }, groups: topic.groups.keys.sorted())
     }
 
@@ -761,7 +763,7 @@ public final class Broker: Service, Sendable {
     /// Expires ack deadlines, releases due redeliveries, syncs the journal and applies retention.
     public func tick() {
         let now = monotonicNanoseconds()
-        let (deliveries, journalToSync) = state.withLock { state -> ([Outgoing], PartitionLog?) in
+        let (deliveries, logsToSync) = state.withLock { state -> ([Outgoing], [PartitionLog]) in
             var deliveries: [Outgoing] = []
             for topic in state.topics.values {
                 var letters: [(GroupState, [(Position, Int, String)])] = []
@@ -813,11 +815,24 @@ public final class Broker: Service, Sendable {
                 enforceRetention(&state)
             }
             compactJournalIfNeeded(&state)
-            defer { state.journalDirty = false }
-            return (deliveries, state.journalDirty && configuration.fsync != .none ? state.journal.log : nil)
+            var toSync: [PartitionLog] = []
+            if state.journalDirty && configuration.fsync != .none { toSync.append(state.journal.log) }
+            state.journalDirty = false
+            // `fsync: interval`: every partition written since the last interval is synced now.
+            if case .interval(let interval) = configuration.fsync,
+                now &- state.lastIntervalSync >= UInt64(interval.nanoseconds)
+            {
+                state.lastIntervalSync = now
+                for topic in state.topics.values {
+                    for partition in topic.partitions where partition.log.durableOffset < partition.log.nextOffset {
+                        toSync.append(partition.log)
+                    }
+                }
+            }
+            return (deliveries, toSync)
         }
         hand(deliveries)
-        if let journalToSync { commit.whenDurable(journalToSync, through: journalToSync.nextOffset) { _ in } }
+        for log in logsToSync { commit.whenDurable(log, through: log.nextOffset) { _ in } }
     }
 
     private func enforceRetention(_ state: inout State) {

@@ -204,6 +204,8 @@ public struct TopicInfo: Sendable, Hashable, Codable {
     /// Per partition: the first and the next offset.
     public var startOffsets: [Int64]
     public var endOffsets: [Int64]
+    /// Per partition: every record below this offset is on disk.
+    public var durableOffsets: [Int64]
     public var bytes: Int
     public var groups: [String]
 }

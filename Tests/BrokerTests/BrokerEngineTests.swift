@@ -334,3 +334,29 @@ struct JournalCompactionTests {
         #expect(all.count == 30, "only the unacknowledged come back")
     }
 }
+
+@Suite("Broker fsync policies")
+struct FsyncPolicyTests {
+    @Test func alwaysAcknowledgesOnlyWhatIsDurable() async throws {
+        let broker = try Broker(
+            configuration: BrokerConfiguration(dataDirectory: TestBroker.temporaryDirectory(), fsync: .always))
+        let acks = try await broker.publish(topic: "t", events: (0..<50).map { wire(sampleEvent($0)) })
+        let info = try #require(broker.topic("t"))
+        for ack in acks { #expect(info.durableOffsets[Int(ack.partition)] > ack.offset) }
+    }
+
+    @Test func intervalSyncsWithinTheInterval() async throws {
+        let broker = try Broker(
+            configuration: BrokerConfiguration(
+                dataDirectory: TestBroker.temporaryDirectory(), fsync: .interval(.milliseconds(20)),
+                defaultPartitions: 1))
+        _ = try await broker.publish(topic: "t", events: (0..<50).map { wire(sampleEvent($0)) })
+        #expect(try #require(broker.topic("t")).durableOffsets == [0], "acknowledged before the sync")
+        let deadline = ContinuousClock.now + .seconds(5)
+        while try #require(broker.topic("t")).durableOffsets != [50], ContinuousClock.now < deadline {
+            broker.tick()
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        #expect(try #require(broker.topic("t")).durableOffsets == [50], "synced by the interval")
+    }
+}
