@@ -112,8 +112,10 @@ public enum OrderDemo {
     public static func makeServiceBus(_ service: String, transport: any EventTransport, topic: String = "orders")
         -> EventBus
     {
+        // Many lanes: a handler that publishes waits for the transport's durable acknowledgement, so lanes, not
+        // cores, bound how many orders move at once (each order's events stay in order on its lane).
         var configuration = EventBus.Configuration(
-            source: service, strategy: .partitioned(lanes: 4, parkFailingKeys: false))
+            source: service, strategy: .partitioned(lanes: 32, parkFailingKeys: false))
         var subscribe = SubscribeOptions(ackWait: .seconds(5), maxDeliveries: 20)
         subscribe.ordered = true
         configuration.transport = TransportLink(transport, topic: topic, options: subscribe)

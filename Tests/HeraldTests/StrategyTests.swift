@@ -205,12 +205,20 @@ struct StrategyTests {
         }
         try await bus.post(Ping(number: 0))
         try await eventually { gate.arrived == 1 }
-        // Worker 0 holds one event, so worker 1 always has fewer in flight: every later event must go to it and
-        // finish while worker 0 stays blocked. (Round-robin would send every other one to the blocked worker.)
+        // Worker 0 holds one event, so worker 1 has fewer in flight: later events go to it and finish while worker 0
+        // stays blocked. (Round-robin would send every other one to the blocked worker.) One may tie — worker 1's
+        // handler has finished but its worker has not yet counted it — and go to worker 0; after that worker 0 holds
+        // two and cannot tie again.
+        var stuck = 0
         for number in 1...50 {
             try await bus.post(Ping(number: number))
-            try await eventually(.seconds(10), "event \(number) to finish on the idle worker") { seen.count == number }
+            do {
+                try await eventually(.seconds(3), "event \(number) to finish") { seen.count == number - stuck }
+            } catch {
+                stuck += 1
+            }
         }
+        #expect(stuck <= 1, "\(stuck) events went to the busy worker")
         #expect(!seen.all.contains(0))
         gate.open()
         await bus.drain()

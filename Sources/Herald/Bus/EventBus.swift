@@ -648,9 +648,12 @@ public final class EventBus: Sendable, Service {
         guard let link = configuration.transport else { return }
         let deliveries = try await link.transport.subscribe(
             topic: link.topic, group: link.group ?? source, options: link.options)
+        let settlements = SettlementBatcher(transport: link.transport, logger: logger)
         let task = Task {
             do {
-                for try await delivery in deliveries { await self.accept(delivery, link: link) }
+                for try await delivery in deliveries {
+                    await self.accept(delivery, link: link, settlements: settlements)
+                }
             } catch {
                 self.logger.error("transport subscription ended", metadata: ["error": "\(error)"])
             }
@@ -659,7 +662,7 @@ public final class EventBus: Sendable, Service {
     }
 
     /// Hands one transport delivery to the local handlers; acks after they all succeed, nacks otherwise.
-    private func accept(_ delivery: Delivery, link: TransportLink) async {
+    private func accept(_ delivery: Delivery, link: TransportLink, settlements: SettlementBatcher) async {
         var event = delivery.event
         do {
             event = try registry.decode(event).envelope
@@ -668,7 +671,8 @@ public final class EventBus: Sendable, Service {
             try? await delivery.terminate(reason: "\(error)")
             return
         }
-        let completion = DeliveryCompletion(delivery: delivery, backoff: link.redeliveryBackoff, logger: logger)
+        let completion = DeliveryCompletion(
+            delivery: delivery, backoff: link.redeliveryBackoff, settlements: settlements)
         do {
             try await schedule(event, priority: 0, completion: completion, deadLetterOnFailure: false)
         } catch {

@@ -150,30 +150,75 @@ public final class DeliveryBuffer: Sendable {
 final class DeliveryCompletion: WorkCompletion {
     let delivery: Delivery
     let backoff: [Duration]
-    let logger: Logger
+    let settlements: SettlementBatcher
 
-    init(delivery: Delivery, backoff: [Duration], logger: Logger) {
+    init(delivery: Delivery, backoff: [Duration], settlements: SettlementBatcher) {
         self.delivery = delivery
         self.backoff = backoff
-        self.logger = logger
+        self.settlements = settlements
     }
 
     func completed(_ outcome: HandlerRunOutcome) {
-        let delivery = self.delivery
-        let delay = backoff.delay(forAttempt: delivery.attempt)
-        let logger = self.logger
-        // Settling is I/O for remote transports; do it off the worker that ran the handlers.
-        Task {
-            do {
-                if outcome.failures.isEmpty {
-                    try await delivery.ack()
-                } else {
-                    try await delivery.nack(delay: delay)
+        settlements.settle(
+            delivery, outcome.failures.isEmpty ? .ack : .nack(backoff.delay(forAttempt: delivery.attempt)))
+    }
+}
+
+/// Sends the settlements of one transport link in batches: whatever accumulates while a batch is in flight goes in
+/// the next one, so a busy consumer settles many deliveries per round trip, and settling never holds up the
+/// workers that ran the handlers.
+final class SettlementBatcher: Sendable {
+    struct State {
+        var pending: [(Delivery, Settlement)] = []
+        var running = false
+    }
+
+    let transport: any EventTransport
+    let logger: Logger
+    private let state = Mutex(State())
+
+    init(transport: any EventTransport, logger: Logger) {
+        self.transport = transport
+        self.logger = logger
+    }
+
+    func settle(_ delivery: Delivery, _ settlement: Settlement) {
+        let start = state.withLock { state -> Bool in
+            state.pending.append((delivery, settlement))
+            if state.running { return false }
+            state.running = true
+            return true
+        }
+        if start { Task { await self.run() } }
+    }
+
+    private func run() async {
+        while true {
+            let batch = state.withLock { state -> [(Delivery, Settlement)]? in
+                if state.pending.isEmpty {
+                    state.running = false
+                    return nil
                 }
-            } catch {
-                logger.warning(
-                    "settling a delivery failed; it will be redelivered",
-                    metadata: ["event.id": "\(delivery.event.id)", "error": "\(error)"])
+                defer { state.pending = [] }
+                return state.pending
+            }
+            guard let batch else { return }
+            // Acks go together; nacks together per delay (a handful of distinct backoffs).
+            var groups: [Settlement: [Delivery]] = [:]
+            for (delivery, settlement) in batch { groups[settlement, default: []].append(delivery) }
+            for (settlement, deliveries) in groups {
+                do {
+                    let stale = try await transport.settle(deliveries, settlement)
+                    for (delivery, flag) in zip(deliveries, stale) where flag {
+                        logger.debug(
+                            "a settlement was stale (the delivery was redelivered meanwhile)",
+                            metadata: ["event.id": "\(delivery.event.id)"])
+                    }
+                } catch {
+                    logger.warning(
+                        "settling deliveries failed; they will be redelivered",
+                        metadata: ["count": "\(deliveries.count)", "error": "\(error)"])
+                }
             }
         }
     }

@@ -16,8 +16,27 @@ public protocol EventTransport: Sendable {
     func publish(_ events: [CloudEvent], to topic: String) async throws -> [PublishAck]
     /// Joins consumer group `group` on `topic`; the stream ends when the transport shuts down.
     func subscribe(topic: String, group: String, options: SubscribeOptions) async throws -> DeliveryStream
+    /// Settles many deliveries of this transport at once; returns, per delivery, whether it was stale. Transports
+    /// that can send them together do (the default settles them one by one).
+    func settle(_ deliveries: [Delivery], _ settlement: Settlement) async throws -> [Bool]
     /// Stops the transport; open delivery streams finish.
     func shutdown() async
+}
+
+extension EventTransport {
+    public func settle(_ deliveries: [Delivery], _ settlement: Settlement) async throws -> [Bool] {
+        var stale: [Bool] = []
+        stale.reserveCapacity(deliveries.count)
+        for delivery in deliveries {
+            do {
+                try await delivery.settler.settle(delivery, settlement)
+                stale.append(false)
+            } catch let error as TransportError where error.code == .staleAck {
+                stale.append(true)
+            }
+        }
+        return stale
+    }
 }
 
 /// Guarantees a transport offers beyond at-least-once delivery.
