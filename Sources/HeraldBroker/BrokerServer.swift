@@ -52,10 +52,11 @@ public final class BrokerServer: Service, Sendable {
                     return true
                 }
                 guard admitted else {
-                    var buffer = channel.allocator.buffer(capacity: 64)
-                    Message.error(WireError(.unavailable, "the broker is at its connection limit; retry later"))
-                        .write(requestID: 0, to: &buffer)
-                    return channel.writeAndFlush(buffer).flatMap { channel.close() }
+                    return channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            RefusingHandler(
+                                error: WireError(.unavailable, "the broker is at its connection limit; retry later")))
+                    }
                 }
                 channel.closeFuture.whenComplete { _ in self.connections.withLock { $0 -= 1 } }
                 return channel.eventLoop.makeCompletedFuture {
@@ -85,6 +86,26 @@ public final class BrokerServer: Service, Sendable {
         try? await gracefulShutdown()
         await stop()
     }
+}
+
+/// Answers a connection the broker will not serve with an error frame, then closes it.
+final class RefusingHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    let error: WireError
+
+    init(error: WireError) {
+        self.error = error
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        Message.error(error).write(requestID: 0, to: &buffer)
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in loopBound.value.close(promise: nil) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
 }
 
 /// Splits the byte stream into frames, refusing oversized ones before buffering them.

@@ -97,7 +97,9 @@ struct BrokerEngineTests {
         let member = CollectingMember()
         let maxDeliveries = 3
         let id = try broker.subscribe(
-            subscription("model", ackWait: 600, maxDeliveries: UInt32(maxDeliveries), backoff: [5]), member: member)
+            // A small credit keeps each batch short, so the test settles well within the ack wait on a busy machine.
+            subscription("model", ackWait: 600, maxDeliveries: UInt32(maxDeliveries), backoff: [5], maxInFlight: 16),
+            member: member)
         enum Outcome { case acked, deadLettered }
         var attempts: [Int64: Int] = [:]
         var outcomes: [Int64: Outcome] = [:]

@@ -1,0 +1,104 @@
+import Foundation
+import HeraldBroker
+import HeraldWire
+import NIOCore
+import Testing
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A raw TCP client for tests that need to misbehave.
+struct RawClient {
+    let fd: Int32
+
+    init(port: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = UInt16(port).bigEndian
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        try #require(connected == 0)
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    func send(_ bytes: [UInt8]) {
+        _ = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    }
+
+    func send(_ message: Message, requestID: UInt32 = 0) {
+        var buffer = ByteBuffer()
+        message.write(requestID: requestID, to: &buffer)
+        send(Array(buffer.readableBytesView))
+    }
+
+    /// Reads frames until the peer closes (or 5 s pass); returns them.
+    func readUntilClosed() -> [Message] {
+        var buffer = ByteBuffer()
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if count <= 0 { break }
+            buffer.writeBytes(chunk[0..<count])
+        }
+        var messages: [Message] = []
+        while let frame = try? FrameDecoder(maxFrameSize: 1 << 24).next(&buffer),
+            let message = try? Message(frame: frame)
+        {
+            messages.append(message)
+        }
+        return messages
+    }
+
+    func close() { Glibc.close(fd) }
+}
+
+@Suite("Connection limits")
+struct ConnectionLimitTests {
+    @Test func connectionsPastTheLimitAreRefusedWithARetryableError() async throws {
+        let broker = try await TestBroker { $0.maxConnections = 1 }
+        defer { Task { await broker.stop() } }
+        let first = try RawClient(port: broker.port)
+        defer { first.close() }
+        first.send(.hello(Hello(client: "first")))
+        try await Task.sleep(for: .milliseconds(100))
+        let second = try RawClient(port: broker.port)
+        defer { second.close() }
+        let refused = second.readUntilClosed()
+        guard case .error(let error)? = refused.first else {
+            Issue.record("the second connection gets an error frame, got \(refused)")
+            return
+        }
+        #expect(error.code == .unavailable && error.isRetryable)
+    }
+
+    @Test func anOversizedFrameClosesTheConnectionWithoutBufferingIt() async throws {
+        let broker = try await TestBroker { $0.maxFrameBytes = 64 << 10 }
+        defer { Task { await broker.stop() } }
+        let client = try RawClient(port: broker.port)
+        defer { client.close() }
+        client.send(.hello(Hello(client: "big")))
+        // Announce a 100 MiB frame and send only its header.
+        client.send([0x06, 0x40, 0x00, 0x00, 10, 0, 0, 0, 1])
+        let replies = client.readUntilClosed()
+        #expect(replies.contains { if case .welcome = $0 { true } else { false } })
+        #expect(replies.contains { if case .error(let error) = $0 { error.code == .frameTooLarge } else { false } })
+    }
+
+    @Test func aPublishBeforeTheHandshakeIsRefused() async throws {
+        let broker = try await TestBroker()
+        defer { Task { await broker.stop() } }
+        let client = try RawClient(port: broker.port)
+        defer { client.close() }
+        client.send(.publish(topic: "t", events: []), requestID: 1)
+        let replies = client.readUntilClosed()
+        #expect(replies.contains { if case .error(let error) = $0 { error.code == .unexpectedFrame } else { false } })
+        #expect(broker.broker.topic("t") == nil)
+    }
+}
