@@ -7,6 +7,7 @@ import Herald
 /// |---|---|---|
 /// | `topics.list` | — | `[TopicInfo]` |
 /// | `topics.create` | `{"name", "partitions"?, "retentionSeconds"?, "retentionBytes"?}` | `TopicInfo` |
+/// | `topics.configure` | `{"name", "retentionSeconds"?, "retentionBytes"?}` | `TopicInfo` |
 /// | `topics.describe` | `{"name"}` | `TopicInfo` |
 /// | `topics.delete` | `{"name"}` | `{}` |
 /// | `groups.list` | `{"topic"?}` | `[GroupInfo]` |
@@ -54,6 +55,12 @@ public enum AdminCommand {
             return try encode(
                 try broker.createTopic(
                     try required(args.name, "name"), partitions: args.partitions, retention: retention))
+        case "topics.configure":
+            return try encode(
+                try broker.configureTopic(
+                    try required(args.name, "name"),
+                    retention: TopicRetention(
+                        maxAge: args.retentionSeconds.map { .seconds($0) }, maxBytes: args.retentionBytes)))
         case "topics.describe":
             let name = try required(args.name, "name")
             guard let info = broker.topic(name) else { throw BrokerError(.notFound, "no topic '\(name)'") }

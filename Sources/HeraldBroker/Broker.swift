@@ -77,6 +77,12 @@ public final class Broker: Service, Sendable {
                 }
             case .topicDeleted(let name):
                 state.topics.removeValue(forKey: name)
+            case .topicConfigured(let name, let retention):
+                guard let topic = state.topics[name] else { continue }
+                topic.retention = retention
+                for partition in topic.partitions {
+                    partition.log.setRetention(maxAge: retention.maxAge, maxBytes: retention.maxBytes)
+                }
             case .groupCreated(let topic, let group, let options, let cursors):
                 guard let topic = state.topics[topic] else { continue }
                 let starts = topic.partitions.indices.map { index in
@@ -206,6 +212,26 @@ public final class Broker: Service, Sendable {
         }
     }
 
+    /// Changes a topic's retention (applied within the next retention pass).
+    @discardableResult
+    public func configureTopic(_ name: String, retention: TopicRetention) throws(BrokerError) -> TopicInfo {
+        try state.withLock { state throws(BrokerError) -> TopicInfo in
+            guard let topic = state.topics[name] else { throw BrokerError(.notFound, "no topic '\(name)'") }
+            do {
+                try state.journal.append([.topicConfigured(name: name, retention: retention)])
+            } catch {
+                throw BrokerError(.storage, "cannot record the new retention: \(error)")
+            }
+            state.journalDirty = true
+            topic.retention = retention
+            for partition in topic.partitions {
+                partition.log.setRetention(maxAge: retention.maxAge, maxBytes: retention.maxBytes)
+            }
+            state.lastRetention = 0
+            return info(topic)
+        }
+    }
+
     /// Deletes a topic, its groups and its files. Members of its groups see their subscriptions end.
     public func deleteTopic(_ name: String) throws(BrokerError) {
         try state.withLock { state throws(BrokerError) in
@@ -232,6 +258,8 @@ public final class Broker: Service, Sendable {
             name: topic.name, partitions: topic.partitions.count,
             startOffsets: topic.partitions.map(\.log.startOffset), endOffsets: topic.partitions.map(\.log.nextOffset),
             durableOffsets: topic.partitions.map(\.log.durableOffset),
+            retentionSeconds: topic.retention.maxAge.map { $0.components.seconds },
+            retentionBytes: topic.retention.maxBytes,
             bytes: topic.partitions.reduce(0) { $0 + $1.log.sizeInBytes }, groups: topic.groups.keys.sorted())
     }
 

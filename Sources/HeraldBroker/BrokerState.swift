@@ -169,7 +169,7 @@ struct DedupTable {
 
 final class TopicState {
     let name: String
-    let retention: TopicRetention
+    var retention: TopicRetention
     var partitions: [PartitionState]
     var groups: [String: GroupState] = [:]
     var dedup = DedupTable()
@@ -206,6 +206,9 @@ public struct TopicInfo: Sendable, Hashable, Codable {
     public var endOffsets: [Int64]
     /// Per partition: every record below this offset is on disk.
     public var durableOffsets: [Int64]
+    /// Retention: sealed segments older than this many seconds, or beyond this many bytes per partition, go.
+    public var retentionSeconds: Int64?
+    public var retentionBytes: Int?
     public var bytes: Int
     public var groups: [String]
 }

@@ -20,6 +20,7 @@ struct GroupOptions: Sendable, Hashable {
 enum JournalEntry: Sendable, Hashable {
     case topicCreated(name: String, partitions: Int, retention: TopicRetention)
     case topicDeleted(name: String)
+    case topicConfigured(name: String, retention: TopicRetention)
     case groupCreated(topic: String, group: String, options: GroupOptions, cursors: [Int64])
     case groupDeleted(topic: String, group: String)
     /// Deliveries settled for good (acked or dead-lettered): never delivered to the group again.
@@ -39,6 +40,11 @@ enum JournalEntry: Sendable, Hashable {
         case .topicDeleted(let name):
             buffer.writeInteger(UInt8(2))
             buffer.writeJournalString(name)
+        case .topicConfigured(let name, let retention):
+            buffer.writeInteger(UInt8(7))
+            buffer.writeJournalString(name)
+            buffer.writeInteger(retention.maxAge?.milliseconds ?? -1)
+            buffer.writeInteger(Int64(retention.maxBytes ?? -1))
         case .groupCreated(let topic, let group, let options, let cursors):
             buffer.writeInteger(UInt8(3))
             buffer.writeJournalString(topic)
@@ -128,6 +134,14 @@ enum JournalEntry: Sendable, Hashable {
             return .attempt(
                 topic: topic, group: group, position: Position(partition: Int(partition), offset: offset),
                 attempt: Int(attempt))
+        case 7:
+            guard let name = buffer.readJournalString(), let age = buffer.readInteger(as: Int64.self),
+                let size = buffer.readInteger(as: Int64.self)
+            else { return nil }
+            return .topicConfigured(
+                name: name,
+                retention: TopicRetention(
+                    maxAge: age < 0 ? nil : .milliseconds(age), maxBytes: size < 0 ? nil : Int(size)))
         default:
             return nil
         }

@@ -136,7 +136,7 @@ struct TailCommand: AsyncParsableCommand {
 struct TopicsCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "topics", abstract: "List, create, describe and delete topics.",
-        subcommands: [List.self, Create.self, Describe.self, Delete.self], defaultSubcommand: List.self)
+        subcommands: [List.self, Create.self, Configure.self, Describe.self, Delete.self], defaultSubcommand: List.self)
 
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List topics.")
@@ -170,6 +170,25 @@ struct TopicsCommand: AsyncParsableCommand {
             if let retentionBytes { arguments["retentionBytes"] = retentionBytes }
             let topic = try await connection.admin("topics.create", arguments, as: TopicInfo.self)
             print("topic \(topic.name): \(topic.partitions) partitions")
+        }
+    }
+
+    struct Configure: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Change a topic's retention (a limit left out is removed).")
+        @OptionGroup var connection: BrokerOptions
+        @Argument var name: String
+        @Option(help: "Retention in hours.") var retentionHours: Int?
+        @Option(help: "Retention in bytes per partition.") var retentionBytes: Int?
+
+        func run() async throws {
+            var arguments: [String: any Sendable] = ["name": name]
+            if let retentionHours { arguments["retentionSeconds"] = retentionHours * 3600 }
+            if let retentionBytes { arguments["retentionBytes"] = retentionBytes }
+            let topic = try await connection.admin("topics.configure", arguments, as: TopicInfo.self)
+            print(
+                "topic \(topic.name): retention \(topic.retentionSeconds.map { "\($0 / 3600) h" } ?? "unlimited"), "
+                    + "\(topic.retentionBytes.map { "\($0) bytes" } ?? "unlimited")")
         }
     }
 

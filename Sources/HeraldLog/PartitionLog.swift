@@ -63,6 +63,8 @@ public final class PartitionLog: Sendable {
         var failure: LogError?
         var closed = false
         var tail = Deque<LogRecord>()
+        var maxAge: Duration?
+        var maxBytes: Int?
     }
 
     public let directory: String
@@ -98,7 +100,10 @@ public final class PartitionLog: Sendable {
         let next = segments.last!.nextOffset
         _ = configuration.syncFile(segments.last!.fd)
         self.recovery = recovery
-        state = Mutex(State(segments: segments, nextOffset: next, durableOffset: next))
+        state = Mutex(
+            State(
+                segments: segments, nextOffset: next, durableOffset: next, maxAge: configuration.maxAge,
+                maxBytes: configuration.maxBytes))
     }
 
     // MARK: Recovery
@@ -410,6 +415,14 @@ public final class PartitionLog: Sendable {
 
     // MARK: Retention and lifecycle
 
+    /// Changes the retention limits (applied by the next `enforceRetention`).
+    public func setRetention(maxAge: Duration?, maxBytes: Int?) {
+        state.withLock { state in
+            state.maxAge = maxAge
+            state.maxBytes = maxBytes
+        }
+    }
+
     /// Deletes sealed segments past the age or size limit; returns the new start offset.
     @discardableResult
     public func enforceRetention(nowMilliseconds: Int64) -> Int64 {
@@ -419,11 +432,11 @@ public final class PartitionLog: Sendable {
             while state.segments.count > 1 {
                 let oldest = state.segments[0]
                 let tooOld =
-                    configuration.maxAge.map {
+                    state.maxAge.map {
                         oldest.maxTimestamp < nowMilliseconds - Int64($0.components.seconds * 1000)
                             - Int64($0.components.attoseconds / 1_000_000_000_000_000)
                     } ?? false
-                let tooBig = configuration.maxBytes.map { total > $0 } ?? false
+                let tooBig = state.maxBytes.map { total > $0 } ?? false
                 guard tooOld || tooBig else { break }
                 unlink(oldest.path)
                 total -= oldest.size

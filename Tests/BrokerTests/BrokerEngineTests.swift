@@ -276,9 +276,11 @@ struct BrokerEngineTests {
         try broker.createTopic("a", partitions: 3, retention: TopicRetention(maxAge: .seconds(60), maxBytes: nil))
         #expect(throws: BrokerError.self) { try broker.createTopic("a", partitions: 5) }
         _ = try broker.subscribe(subscription("a", "g1"), member: CollectingMember())
+        try broker.configureTopic("a", retention: TopicRetention(maxAge: .seconds(7200), maxBytes: 1 << 20))
         broker.close()
         broker = try openBroker(directory)
         #expect(broker.topic("a")?.partitions == 3)
+        #expect(broker.topic("a")?.retentionSeconds == 7200 && broker.topic("a")?.retentionBytes == 1 << 20)
         #expect(broker.groups(topic: "a").map(\.group) == ["g1"])
         try broker.deleteGroup(topic: "a", group: "g1")
         try broker.deleteTopic("a")
