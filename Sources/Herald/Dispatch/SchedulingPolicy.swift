@@ -295,6 +295,13 @@ public enum PartitionHash {
         }
         return hash
     }
+
+    /// The partition of an event among `count`: by its key's hash, or the next in turn (`roundRobin`) without one.
+    public static func partition(forKey key: String?, count: Int, roundRobin: inout Int) -> Int {
+        if let key { return Int(fnv1a(key) % UInt64(count)) }
+        defer { roundRobin = (roundRobin + 1) % count }
+        return roundRobin % count
+    }
 }
 
 /// A minimal binary heap ordered by a comparison (`areInIncreasingOrder(a, b)`: a comes out first).

@@ -140,13 +140,8 @@ public final class InMemoryTransport: EventTransport {
             return PublishAck(
                 id: event.id, partition: original.ack.partition, offset: original.ack.offset, duplicate: true)
         }
-        let partition: Int
-        if let partitionKey = event.partitionkey {
-            partition = Int(PartitionHash.fnv1a(partitionKey) % UInt64(topic.partitions.count))
-        } else {
-            partition = topic.roundRobin
-            topic.roundRobin = (topic.roundRobin + 1) % topic.partitions.count
-        }
+        let partition = PartitionHash.partition(
+            forKey: event.partitionkey, count: topic.partitions.count, roundRobin: &topic.roundRobin)
         let offset = Int64(topic.partitions[partition].count)
         topic.partitions[partition].append(event)
         let ack = PublishAck(id: event.id, partition: partition, offset: offset, duplicate: false)
