@@ -24,12 +24,15 @@ public final class BrokerTransport: EventTransport {
         public var reconnectDelay: (first: Duration, max: Duration)
         /// Events per publish frame at most (larger batches are split).
         public var maxBatchEvents: Int
+        /// How long a publish, subscribe or admin request waits for an unreachable broker before it fails with
+        /// `TransportError.unavailable` (once connected, the broker answers or the connection drops).
+        public var unreachableTimeout: Duration
 
         public init(
             host: String = "127.0.0.1", port: Int = 7420, clientName: String = "herald-client",
             credential: Credential = .none,
             reconnectDelay: (first: Duration, max: Duration) = (.milliseconds(50), .seconds(2)),
-            maxBatchEvents: Int = 2048
+            maxBatchEvents: Int = 2048, unreachableTimeout: Duration = .seconds(30)
         ) {
             self.host = host
             self.port = port
@@ -37,12 +40,15 @@ public final class BrokerTransport: EventTransport {
             self.credential = credential
             self.reconnectDelay = reconnectDelay
             self.maxBatchEvents = maxBatchEvents
+            self.unreachableTimeout = unreachableTimeout
         }
     }
 
     struct PublishWaiter {
         let count: Int
         let continuation: CheckedContinuation<[WirePosition], any Error>
+        /// When it was queued (monotonic ns), for `unreachableTimeout`.
+        var since = monotonicNanoseconds()
     }
 
     struct PublishBatch {
@@ -87,6 +93,8 @@ public final class BrokerTransport: EventTransport {
         var flushScheduled = false
         var closed = false
         var connector: Task<Void, Never>?
+        /// When the broker was last reachable (or the first request queued while it was not).
+        var unreachableSince: UInt64?
     }
 
     public let configuration: Configuration
@@ -385,10 +393,55 @@ public final class BrokerTransport: EventTransport {
                 return
             } catch {
                 logger.debug("cannot reach the broker; retrying", metadata: ["error": "\(error)", "delay": "\(delay)"])
+                failRequestsWaitingTooLong(error)
                 try? await Task.sleep(for: delay)
                 delay = min(delay * 2, configuration.reconnectDelay.max)
             }
         }
+    }
+
+    /// While the broker cannot be reached: fails what has waited longer than `unreachableTimeout` — queued
+    /// publishes and admin commands, and subscriptions not yet confirmed.
+    private func failRequestsWaitingTooLong(_ cause: any Error) {
+        let limit = UInt64(max(0, configuration.unreachableTimeout.milliseconds)) * 1_000_000
+        let now = monotonicNanoseconds()
+        let failure = TransportError(
+            .unavailable,
+            "the broker at \(configuration.host):\(configuration.port) has been unreachable for "
+                + "\(configuration.unreachableTimeout): \(cause)")
+        let resumes = state.withLock { state -> [() -> Void] in
+            let since = state.unreachableSince ?? now
+            state.unreachableSince = since
+            guard now &- since >= limit else { return [] }
+            var resumes: [() -> Void] = []
+            var kept: [PublishBatch] = []
+            for var batch in state.outbox {
+                let (old, young) = (
+                    batch.waiters.filter { now &- $0.since >= limit }, batch.waiters.filter { now &- $0.since < limit }
+                )
+                for waiter in old { resumes.append { waiter.continuation.resume(throwing: failure) } }
+                guard !young.isEmpty else { continue }
+                // Keep the events of the waiters that may still wait (they are the batch's last ones).
+                let dropped = old.reduce(0) { $0 + $1.count }
+                batch.events.removeFirst(dropped)
+                batch.waiters = young
+                kept.append(batch)
+            }
+            state.outbox = kept
+            for (_, _, continuation) in state.adminOutbox { resumes.append { continuation.resume(throwing: failure) } }
+            state.adminOutbox = []
+            for (id, subscription) in state.subscriptions {
+                guard let continuation = subscription.subscribed else { continue }
+                state.subscriptions.removeValue(forKey: id)
+                let buffer = subscription.buffer
+                resumes.append {
+                    continuation.resume(throwing: failure)
+                    buffer.finish()
+                }
+            }
+            return resumes
+        }
+        for resume in resumes { resume() }
     }
 
     fileprivate func received(_ frame: Frame, generation: Int) {
@@ -406,6 +459,7 @@ public final class BrokerTransport: EventTransport {
                 outgoing.append((message, requestID))
             case .ready:
                 connection.ready = true
+                state.unreachableSince = nil
                 for (id, subscription) in state.subscriptions where !subscription.ended {
                     connection.machine.register(id, expecting: .deliver)
                     outgoing.append((.subscribe(subscription.request), id))

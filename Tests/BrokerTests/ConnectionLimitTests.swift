@@ -1,5 +1,7 @@
 import Foundation
+import Herald
 import HeraldBroker
+import HeraldClient
 import HeraldWire
 import NIOCore
 import Testing
@@ -100,5 +102,43 @@ struct ConnectionLimitTests {
         let replies = client.readUntilClosed()
         #expect(replies.contains { if case .error(let error) = $0 { error.code == .unexpectedFrame } else { false } })
         #expect(broker.broker.topic("t") == nil)
+    }
+}
+
+@Suite("Client transport")
+struct ClientTransportTests {
+    @Test func requestsToAnUnreachableBrokerFailInsteadOfWaitingForever() async throws {
+        let transport = BrokerTransport(
+            configuration: BrokerTransport.Configuration(
+                port: BrokerProcess.freePort(), reconnectDelay: (.milliseconds(20), .milliseconds(50)),
+                unreachableTimeout: .milliseconds(300)))
+        defer { Task { await transport.shutdown() } }
+        let clock = ContinuousClock()
+        let start = clock.now
+        do {
+            _ = try await transport.publish([sampleEvent(1)], to: "t")
+            Issue.record("a publish to nowhere cannot succeed")
+        } catch let error as TransportError {
+            #expect(error.code == .unavailable)
+            #expect(error.message.contains("unreachable"))
+        }
+        #expect(clock.now - start < .seconds(5))
+        await #expect(throws: TransportError.self) {
+            _ = try await transport.subscribe(topic: "t", group: "g", options: SubscribeOptions())
+        }
+    }
+
+    @Test func publishesWaitForABrokerThatComesUpInTime() async throws {
+        let port = BrokerProcess.freePort()
+        let transport = BrokerTransport(
+            configuration: BrokerTransport.Configuration(
+                port: port, reconnectDelay: (.milliseconds(20), .milliseconds(50)), unreachableTimeout: .seconds(20)))
+        defer { Task { await transport.shutdown() } }
+        let publish = Task { try await transport.publish([sampleEvent(1)], to: "late") }
+        try await Task.sleep(for: .milliseconds(300))
+        let broker = try await TestBroker(port: port)
+        defer { Task { await broker.stop() } }
+        let acks = try await publish.value
+        #expect(acks.count == 1 && !acks[0].duplicate)
     }
 }
