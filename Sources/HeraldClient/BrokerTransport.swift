@@ -126,24 +126,59 @@ public final class BrokerTransport: EventTransport {
         var wire: [WireEvent] = []
         wire.reserveCapacity(events.count)
         for event in events {
+            let encoded: WireEvent
             do {
-                wire.append(try BinaryEvent.encode(event))
+                encoded = try BinaryEvent.encode(event)
             } catch {
                 throw TransportError(.invalidRequest, "event \(event.id) is invalid: \(error.message)")
             }
-        }
-        let positions = try await withCheckedThrowingContinuation {
-            (continuation: CheckedContinuation<[WirePosition], any Error>) in
-            let failure = state.withLock { state -> TransportError? in
-                if state.closed { return TransportError(.shutDown, "the transport is shut down") }
-                enqueue(wire, topic: topic, waiter: continuation, state: &state)
-                return nil
+            // Larger than any frame this client sends: refused here, never sent again and again.
+            guard encoded.size <= Self.maxBatchBytes else {
+                throw TransportError(
+                    .invalidRequest, "event \(event.id) is \(encoded.size) bytes; the most one event can be is 4 MiB")
             }
-            if let failure { continuation.resume(throwing: failure) } else { scheduleFlush() }
+            wire.append(encoded)
+        }
+        // A large batch goes as several frames (each within the broker's frame limit), one after the other, so
+        // the acknowledgements stay in the batch's order.
+        var positions: [WirePosition] = []
+        positions.reserveCapacity(wire.count)
+        for chunk in Self.chunks(of: wire, maxEvents: configuration.maxBatchEvents, maxBytes: Self.maxBatchBytes) {
+            positions += try await withCheckedThrowingContinuation {
+                (continuation: CheckedContinuation<[WirePosition], any Error>) in
+                let failure = state.withLock { state -> TransportError? in
+                    if state.closed { return TransportError(.shutDown, "the transport is shut down") }
+                    enqueue(chunk, topic: topic, waiter: continuation, state: &state)
+                    return nil
+                }
+                if let failure { continuation.resume(throwing: failure) } else { scheduleFlush() }
+            }
         }
         return zip(events, positions).map {
             PublishAck(id: $0.id, partition: Int($1.partition), offset: $1.offset, duplicate: $1.duplicate)
         }
+    }
+
+    /// The most event bytes one publish frame carries (half the broker's default frame limit).
+    static let maxBatchBytes = 4 << 20
+
+    /// Splits events into runs of at most `maxEvents` and about `maxBytes` (at least one event each).
+    static func chunks(of events: [WireEvent], maxEvents: Int, maxBytes: Int) -> [[WireEvent]] {
+        var chunks: [[WireEvent]] = []
+        var current: [WireEvent] = []
+        var bytes = 0
+        for event in events {
+            let size = event.size + 8
+            if !current.isEmpty, current.count >= maxEvents || bytes + size > maxBytes {
+                chunks.append(current)
+                current = []
+                bytes = 0
+            }
+            current.append(event)
+            bytes += size
+        }
+        if !current.isEmpty { chunks.append(current) }
+        return chunks
     }
 
     private func enqueue(
@@ -153,7 +188,7 @@ public final class BrokerTransport: EventTransport {
         let bytes = events.reduce(0) { $0 + $1.size + 8 }
         if let last = state.outbox.indices.last, state.outbox[last].topic == topic,
             state.outbox[last].events.count + events.count <= configuration.maxBatchEvents,
-            state.outbox[last].bytes + bytes <= 4 << 20
+            state.outbox[last].bytes + bytes <= Self.maxBatchBytes
         {
             state.outbox[last].events.append(contentsOf: events)
             state.outbox[last].bytes += bytes

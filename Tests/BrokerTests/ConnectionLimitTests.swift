@@ -142,3 +142,37 @@ struct ClientTransportTests {
         #expect(acks.count == 1 && !acks[0].duplicate)
     }
 }
+
+@Suite("Client transport batches")
+struct ClientBatchTests {
+    @Test func aBatchLargerThanAFrameIsSplitAndAcknowledgedInOrder() async throws {
+        let broker = try await TestBroker { $0.fsync = .none }
+        defer { Task { await broker.stop() } }
+        let transport = broker.transport()
+        defer { Task { await transport.shutdown() } }
+        // 6,000 events of 2 KB: 12 MB, over the 8 MiB frame limit.
+        let events = (0..<6000).map { index -> CloudEvent in
+            var event = CloudEvent(
+                source: "big", type: "com.example.big", data: .bytes(Array(repeating: 1, count: 2048)))
+            event.partitionkey = "k\(index % 3)"
+            return event
+        }
+        let acks = try await transport.publish(events, to: "big")
+        #expect(acks.map(\.id) == events.map(\.id))
+        #expect(acks.allSatisfy { !$0.duplicate })
+        #expect(broker.broker.topic("big")!.endOffsets.reduce(0, +) == 6000)
+        // Over the broker's 1 MiB event limit: refused by the broker, with the reason.
+        let tooBig = CloudEvent(
+            source: "big", type: "com.example.big", data: .bytes(Array(repeating: 1, count: 2 << 20)))
+        do {
+            _ = try await transport.publish([tooBig], to: "big")
+            Issue.record("a 2 MiB event is refused")
+        } catch let error as TransportError {
+            #expect(error.code == .invalidRequest && error.message.contains("over the limit"))
+        }
+        // Over any frame: refused by the client.
+        let huge = CloudEvent(source: "big", type: "com.example.big", data: .bytes(Array(repeating: 1, count: 9 << 20)))
+        await #expect(throws: TransportError.self) { _ = try await transport.publish([huge], to: "big") }
+        #expect(broker.broker.topic("big")!.endOffsets.reduce(0, +) == 6000)
+    }
+}
