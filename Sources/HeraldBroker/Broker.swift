@@ -45,6 +45,8 @@ public final class Broker: Service, Sendable {
     /// Journal appends from inside `pump` (which already runs under the lock) go through this buffer.
     let pendingJournal = Mutex<[JournalEntry]>([])
     let state: Mutex<State>
+    /// Held while the broker is open: one broker per data directory.
+    let lock: DirectoryLock
 
     /// Opens the data directory and recovers every topic, group and the dedup table.
     public init(configuration: BrokerConfiguration, logger: Logger = Logger(label: "herald.broker")) throws(BrokerError)
@@ -52,6 +54,7 @@ public final class Broker: Service, Sendable {
         self.configuration = configuration
         self.logger = logger
         do {
+            lock = try DirectoryLock(directory: configuration.dataDirectory)
             let journal = try Journal(dataDirectory: configuration.dataDirectory)
             var state = State(journal: journal)
             try Broker.recover(&state, entries: try journal.replay(), configuration: configuration, logger: logger)
@@ -80,7 +83,7 @@ public final class Broker: Service, Sendable {
         close()
     }
 
-    /// Stops accepting work, syncs and closes every log.
+    /// Stops accepting work, syncs and closes every log, and releases the data directory.
     public func close() {
         let logs = state.withLock { state -> [PartitionLog] in
             state.closed = true
@@ -95,6 +98,7 @@ public final class Broker: Service, Sendable {
             if configuration.fsync != .none { try? log.sync() }
             log.close()
         }
+        lock.release()
     }
 
     /// Counters for tests and benchmarks: members' unsettled deliveries per group.

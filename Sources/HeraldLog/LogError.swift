@@ -15,6 +15,8 @@ public struct LogError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let offsetOutOfRange = Code(name: "offsetOutOfRange")
         /// The log is closed.
         public static let closed = Code(name: "closed")
+        /// Another process holds the data directory's lock.
+        public static let locked = Code(name: "locked")
     }
 
     public let code: Code

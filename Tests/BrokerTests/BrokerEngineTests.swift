@@ -364,3 +364,20 @@ struct FsyncPolicyTests {
         #expect(try #require(broker.topic("t")).durableOffsets == [50], "synced by the interval")
     }
 }
+
+@Suite("Broker data directory")
+struct DataDirectoryTests {
+    @Test func twoBrokersCannotShareADataDirectory() throws {
+        let directory = TestBroker.temporaryDirectory()
+        let first = try Broker(configuration: BrokerConfiguration(dataDirectory: directory))
+        do {
+            _ = try Broker(configuration: BrokerConfiguration(dataDirectory: directory))
+            Issue.record("a second broker on the same directory is refused")
+        } catch {
+            #expect(error.code == .storage && error.message.contains("another broker is using"))
+        }
+        first.close()
+        let second = try Broker(configuration: BrokerConfiguration(dataDirectory: directory))
+        second.close()
+    }
+}
