@@ -381,3 +381,59 @@ struct DataDirectoryTests {
         second.close()
     }
 }
+
+@Suite("Broker admission and start positions")
+struct AdmissionTests {
+    @Test func overloadIsARetryableRefusalAndNothingRefusedIsStored() async throws {
+        let broker = try Broker(
+            configuration: BrokerConfiguration(
+                dataDirectory: TestBroker.temporaryDirectory(), defaultPartitions: 1, maxPendingPublishes: 1))
+        let outcomes = try await withThrowingTaskGroup(of: (WireEvent, Bool).self) { group in
+            for index in 0..<200 {
+                group.addTask {
+                    let event = wire(sampleEvent(index))
+                    do {
+                        _ = try await broker.publish(topic: "busy", events: [event])
+                        return (event, true)
+                    } catch {
+                        #expect((error as? BrokerError)?.code == .unavailable, "overload is the retryable refusal")
+                        return (event, false)
+                    }
+                }
+            }
+            var outcomes: [(WireEvent, Bool)] = []
+            for try await outcome in group { outcomes.append(outcome) }
+            return outcomes
+        }
+        let accepted = outcomes.filter(\.1).count
+        #expect(accepted < 200, "some publishes were refused while one was in flight")
+        #expect(broker.topic("busy")!.endOffsets == [Int64(accepted)], "refused batches were not written")
+        // Retried one at a time, every refused event gets in.
+        for (event, ok) in outcomes where !ok { _ = try await broker.publish(topic: "busy", events: [event]) }
+        #expect(broker.topic("busy")!.endOffsets == [200])
+    }
+
+    @Test func groupsStartWhereTheyAreTold() async throws {
+        let broker = try Broker(
+            configuration: BrokerConfiguration(dataDirectory: TestBroker.temporaryDirectory(), defaultPartitions: 1))
+        _ = try await broker.publish(topic: "t", events: (0..<10).map { wire(sampleEvent($0)) })
+        try await Task.sleep(for: .milliseconds(20))
+        let middle = Int64(wallClockMilliseconds())
+        try await Task.sleep(for: .milliseconds(20))
+        _ = try await broker.publish(topic: "t", events: (10..<15).map { wire(sampleEvent($0)) })
+        for (group, start, first) in [
+            ("earliest", WireStart.earliest, Int64(0)), ("offset", .offset(7), 7), ("time", .time(middle), 10),
+            ("latest", .latest, 15),
+        ] {
+            let member = CollectingMember()
+            _ = try broker.subscribe(subscription("t", group, start: start), member: member)
+            if first == 15 {
+                _ = try await broker.publish(topic: "t", events: [wire(sampleEvent(15))])
+            }
+            let got = try await member.take(atLeast: 1, ticking: broker)
+            #expect(got.first?.offset == first, "\(group) starts at \(first)")
+        }
+    }
+}
+
+func wallClockMilliseconds() -> UInt64 { UInt64(Date().timeIntervalSince1970 * 1000) }
