@@ -437,3 +437,30 @@ struct AdmissionTests {
 }
 
 func wallClockMilliseconds() -> UInt64 { UInt64(Date().timeIntervalSince1970 * 1000) }
+
+@Suite("Broker retention")
+struct BrokerRetentionTests {
+    @Test func retentionDropsOldSegmentsAndMovesLaggingGroupsUp() async throws {
+        var configuration = BrokerConfiguration(
+            dataDirectory: TestBroker.temporaryDirectory(), fsync: .none, defaultPartitions: 1)
+        configuration.segmentBytes = 16 << 10
+        let broker = try Broker(configuration: configuration)
+        try broker.createTopic("old", partitions: 1, retention: TopicRetention(maxAge: nil, maxBytes: 64 << 10))
+        let lagging = CollectingMember()
+        lagging.accepting.store(false, ordering: .relaxed)
+        _ = try broker.subscribe(subscription("old", "lagging"), member: lagging)
+        for start in stride(from: 0, to: 2000, by: 100) {
+            _ = try await broker.publish(topic: "old", events: (start..<(start + 100)).map { wire(sampleEvent($0)) })
+        }
+        // A new retention setting is applied on the next tick.
+        try broker.configureTopic("old", retention: TopicRetention(maxAge: nil, maxBytes: 64 << 10))
+        broker.tick()
+        let info = try #require(broker.topic("old"))
+        #expect(info.startOffsets[0] > 0, "old segments were deleted")
+        #expect(info.bytes <= (64 << 10) + (16 << 10) + 4096, "the partition is within its size limit")
+        #expect(broker.groups(topic: "old")[0].lag <= 2000 - info.startOffsets[0], "the lagging group moved up")
+        lagging.accepting.store(true, ordering: .relaxed)
+        let first = try await lagging.take(atLeast: 1, ticking: broker)
+        #expect(first.first?.offset == info.startOffsets[0], "it resumes at the new start")
+    }
+}
