@@ -108,29 +108,6 @@ final class RefusingHandler: ChannelInboundHandler, Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
 }
 
-/// Splits the byte stream into frames, refusing oversized ones before buffering them.
-struct FrameDecoderHandler: ByteToMessageDecoder {
-    typealias InboundOut = Frame
-    let decoder: FrameDecoder
-
-    init(maxFrameSize: Int) {
-        decoder = FrameDecoder(maxFrameSize: maxFrameSize)
-    }
-
-    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let frame = try decoder.next(&buffer) else { return .needMoreData }
-        context.fireChannelRead(Self.wrapInboundOut(frame))
-        return .continue
-    }
-
-    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws
-        -> DecodingState
-    {
-        while try decode(context: context, buffer: &buffer) == .continue {}
-        return .needMoreData
-    }
-}
-
 /// A subscription on a TCP connection, as a member of its consumer group.
 final class TCPMember: BrokerMember {
     let channel: any Channel

@@ -18,13 +18,17 @@ struct BrokerOptions: ParsableArguments {
     /// Runs an admin command and decodes its JSON result; a broker that cannot be reached fails within 10 s.
     func admin<T: Decodable>(_ command: String, _ arguments: [String: any Sendable] = [:], as: T.Type) async throws -> T
     {
+        try JSONDecoder().decode(T.self, from: Data(try await admin(command, arguments)))
+    }
+
+    /// Runs an admin command; returns its JSON result as bytes.
+    func admin(_ command: String, _ arguments: [String: any Sendable] = [:]) async throws -> [UInt8] {
         let transport = try connect(as: "herald-cli")
         defer { Task { await transport.shutdown() } }
         let json = try JSONSerialization.data(withJSONObject: arguments)
-        let result = try await withTimeout(.seconds(10), "the broker did not answer") {
+        return try await withTimeout(.seconds(10), "the broker did not answer") {
             try await transport.admin(command, arguments: Array(json))
         }
-        return try JSONDecoder().decode(T.self, from: Data(result))
     }
 }
 
@@ -252,12 +256,7 @@ struct DeadLettersCommand: AsyncParsableCommand {
         @Option var limit = 100
 
         func run() async throws {
-            let transport = try connection.connect(as: "herald-dlq")
-            defer { Task { await transport.shutdown() } }
-            let json = try JSONSerialization.data(withJSONObject: ["topic": topic, "limit": limit])
-            let result = try await withTimeout(.seconds(10), "the broker did not answer") {
-                try await transport.admin("dlq.list", arguments: Array(json))
-            }
+            let result = try await connection.admin("dlq.list", ["topic": topic, "limit": limit])
             for event in try CloudEventJSON.decodeBatch(result) {
                 print(String(decoding: try CloudEventJSON.encode(event), as: UTF8.self))
             }

@@ -708,29 +708,6 @@ final class ClientHandler: ChannelInboundHandler, Sendable {
     }
 }
 
-/// Splits the byte stream into frames.
-struct FrameDecoderHandler: ByteToMessageDecoder {
-    typealias InboundOut = Frame
-    let decoder: FrameDecoder
-
-    init(maxFrameSize: Int) {
-        decoder = FrameDecoder(maxFrameSize: maxFrameSize)
-    }
-
-    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let frame = try decoder.next(&buffer) else { return .needMoreData }
-        context.fireChannelRead(Self.wrapInboundOut(frame))
-        return .continue
-    }
-
-    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws
-        -> DecodingState
-    {
-        while try decode(context: context, buffer: &buffer) == .continue {}
-        return .needMoreData
-    }
-}
-
 extension Duration {
     var milliseconds: Int64 {
         let (seconds, attoseconds) = components

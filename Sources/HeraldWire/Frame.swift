@@ -74,6 +74,29 @@ public struct FrameDecoder: Sendable {
     }
 }
 
+/// The NIO decoder that turns a connection's bytes into frames (server and client use the same one).
+public struct FrameDecoderHandler: ByteToMessageDecoder {
+    public typealias InboundOut = Frame
+    let decoder: FrameDecoder
+
+    public init(maxFrameSize: Int) {
+        decoder = FrameDecoder(maxFrameSize: maxFrameSize)
+    }
+
+    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let frame = try decoder.next(&buffer) else { return .needMoreData }
+        context.fireChannelRead(Self.wrapInboundOut(frame))
+        return .continue
+    }
+
+    public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws
+        -> DecodingState
+    {
+        while try decode(context: context, buffer: &buffer) == .continue {}
+        return .needMoreData
+    }
+}
+
 /// Protocol errors, each with a stable code that also travels in `error` frames.
 public struct WireError: Error, Hashable, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {

@@ -1,6 +1,7 @@
 import Foundation
 import Herald
 import HeraldBroker
+import HeraldTesting
 import HeraldWire
 import Synchronization
 import Testing
@@ -288,19 +289,6 @@ struct BrokerEngineTests {
         broker = try openBroker(directory)
         #expect(broker.topic("a") == nil)
         #expect(!FileManager.default.fileExists(atPath: directory + "/topics/a"))
-    }
-}
-
-/// A small deterministic generator, so a failing seed can be replayed.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

@@ -1,6 +1,7 @@
 import Foundation
 import Herald
 import HeraldClient
+import HeraldTesting
 import Synchronization
 import Testing
 

@@ -45,13 +45,18 @@ struct PartitionLogTests {
         #expect(try reopened.offset(atOrAfter: 99_999) == 500)
     }
 
-    @Test func aTornTailIsTruncatedToTheLastValidRecord() throws {
+    /// A log of `count` records, synced and closed: its directory and its one segment file.
+    func closedLog(of count: Int) throws -> (directory: String, file: String) {
         let directory = TestBroker.temporaryDirectory()
         let log = try PartitionLog(directory: directory)
-        try log.append(records(10), timestamp: 1)
+        try log.append(records(count), timestamp: 1)
         try log.sync()
         log.close()
-        let file = try segmentFiles(directory)[0]
+        return (directory, try segmentFiles(directory)[0])
+    }
+
+    @Test func aTornTailIsTruncatedToTheLastValidRecord() throws {
+        let (directory, file) = try closedLog(of: 10)
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: file))
         try handle.seekToEnd()
         try handle.write(contentsOf: Data([0x40, 0, 0, 0, 1, 2, 3]))  // half of a frame
@@ -65,12 +70,7 @@ struct PartitionLogTests {
 
     @Test func aBitFlipInTheLastRecordIsCutAndOneInTheMiddleIsRefused() throws {
         for (record, refused) in [(9, false), (4, true)] {
-            let directory = TestBroker.temporaryDirectory()
-            let log = try PartitionLog(directory: directory)
-            try log.append(records(10), timestamp: 1)
-            try log.sync()
-            log.close()
-            let file = try segmentFiles(directory)[0]
+            let (directory, file) = try closedLog(of: 10)
             var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: file)))
             let frame = bytes.count / 10
             bytes[record * frame + frame / 2] ^= 0x10
