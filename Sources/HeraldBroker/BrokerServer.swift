@@ -13,7 +13,8 @@ public final class BrokerServer: Service, Sendable {
     let group: any EventLoopGroup
     let logger: Logger
     private let channel = Mutex<(any Channel)?>(nil)
-    private let connections = Mutex(0)
+    /// The open client connections, so stopping the server closes them (clients then reconnect elsewhere).
+    private let connections = Mutex([ObjectIdentifier: any Channel]())
 
     public init(
         broker: Broker, host: String = "127.0.0.1", port: Int = 7420,
@@ -46,9 +47,9 @@ public final class BrokerServer: Service, Sendable {
                     high: configuration.maxOutboundBytesPerConnection)
             )
             .childChannelInitializer { [self] channel in
-                let admitted = connections.withLock { count -> Bool in
-                    guard count < configuration.maxConnections else { return false }
-                    count += 1
+                let admitted = connections.withLock { open -> Bool in
+                    guard open.count < configuration.maxConnections else { return false }
+                    open[ObjectIdentifier(channel)] = channel
                     return true
                 }
                 guard admitted else {
@@ -58,7 +59,9 @@ public final class BrokerServer: Service, Sendable {
                                 error: WireError(.unavailable, "the broker is at its connection limit; retry later")))
                     }
                 }
-                channel.closeFuture.whenComplete { _ in self.connections.withLock { $0 -= 1 } }
+                channel.closeFuture.whenComplete { _ in
+                    self.connections.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(channel)) }
+                }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
                         ByteToMessageHandler(FrameDecoderHandler(maxFrameSize: configuration.maxFrameBytes)))
@@ -72,13 +75,16 @@ public final class BrokerServer: Service, Sendable {
         return bound.localAddress?.port ?? port
     }
 
-    /// Stops accepting and closes the listening socket (open connections close with the event loop group).
+    /// Stops accepting, then closes every client connection (their unsettled deliveries go back to their groups;
+    /// clients reconnect and resend what was not acknowledged).
     public func stop() async {
         let bound = channel.withLock { channel -> (any Channel)? in
             defer { channel = nil }
             return channel
         }
         try? await bound?.close()
+        let open = connections.withLock { Array($0.values) }
+        for connection in open { try? await connection.close() }
     }
 
     public func run() async throws {

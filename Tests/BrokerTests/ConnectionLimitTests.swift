@@ -176,3 +176,20 @@ struct ClientBatchTests {
         #expect(broker.broker.topic("big")!.endOffsets.reduce(0, +) == 6000)
     }
 }
+
+@Suite("Broker restarts")
+struct BrokerRestartTests {
+    @Test func stoppingTheServerClosesClientConnectionsSoTheyReconnect() async throws {
+        let port = BrokerProcess.freePort()
+        let first = try await TestBroker(port: port)
+        let transport = first.transport()
+        defer { Task { await transport.shutdown() } }
+        _ = try await transport.publish([sampleEvent(1)], to: "moves")
+        await first.stop()
+        let second = try await TestBroker(port: port)
+        defer { Task { await second.stop() } }
+        let acks = try await transport.publish([sampleEvent(2)], to: "moves")
+        #expect(acks.count == 1)
+        #expect(second.broker.topic("moves")?.endOffsets.reduce(0, +) == 1, "the publish reached the new broker")
+    }
+}
