@@ -296,9 +296,7 @@ extension Broker {
 
     /// Gives deliveries to their members (outside the lock); a member that is gone gets them redelivered.
     func hand(_ outgoing: [Outgoing]) {
-        for (member, deliveries) in outgoing where !member.deliver(deliveries) {
-            // The member's connection closed meanwhile: its unsubscribe redelivers everything it held.
-            continue
-        }
+        // A member whose connection closed meanwhile refuses them; its unsubscribe redelivers all it held.
+        for (member, deliveries) in outgoing { _ = member.deliver(deliveries) }
     }
 }
