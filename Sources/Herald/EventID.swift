@@ -173,13 +173,16 @@ public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible
 }
 
 extension Duration {
-    /// The duration in whole nanoseconds (saturating).
-    var nanoseconds: Int64 {
+    /// The duration in whole nanoseconds (saturating). Shared by every Herald module.
+    package var nanoseconds: Int64 {
         let (seconds, attoseconds) = components
         let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
         if overflow { return seconds < 0 ? .min : .max }
         return product + attoseconds / 1_000_000_000
     }
+
+    /// The duration in whole milliseconds (saturating).
+    package var milliseconds: Int64 { nanoseconds / 1_000_000 }
 }
 
 /// Monotonic nanoseconds, for measuring latency and deadlines inside one process.

@@ -92,6 +92,7 @@ extension Broker {
 
     /// Settles deliveries of a member; returns, per item, whether it was stale (not pending with that attempt).
     public func settle(member id: Int, _ items: [SettleItem]) -> [Bool] {
+        var durability: [(topic: String, waits: [(PartitionState, Int64)])] = []
         let (stale, deliveries) = state.withLock { state -> ([Bool], [Outgoing]) in
             guard let (topicName, groupName) = state.memberGroups[id], let topic = state.topics[topicName],
                 let group = topic.groups[groupName]
@@ -129,7 +130,9 @@ extension Broker {
                     group.release(pending.key)
                 }
             }
-            deadLetter(letters, topic: topic, group: group, state: &state, settled: &settled)
+            deadLetter(
+                letters, topic: topic, group: group, now: now, state: &state, settled: &settled,
+                durability: &durability)
             if !settled.isEmpty {
                 try? state.journal.append([.settled(topic: topicName, group: groupName, positions: settled)])
                 state.journalDirty = true
@@ -139,55 +142,79 @@ extension Broker {
             return (stale, deliveries)
         }
         hand(deliveries)
+        awaitDurability(durability)
         return stale
     }
 
-    /// Appends dead letters (the event with `deadletterreason`, `deliveryattempts`, `deadlettergroup`) to
-    /// `<topic>.dlq`, once per (event, group): the dlq's dedup key includes the group, so a retry after a crash
-    /// returns the first dead letter instead of writing a second.
+    /// Appends dead letters (the event with `deadletterreason`, `deliveryattempts`, `deadlettergroup` and
+    /// `deadletterposition`) to `<topic>.dlq`. Dedup there is by (source, id, group, position), so a retry of the
+    /// same dead-lettering after a crash returns the first letter, while a replayed event that fails again gets a
+    /// letter of its own. A position counts as settled only once its letter is written; if the dead-letter topic
+    /// cannot take it, it goes back for redelivery (and is dead-lettered again when that fails). `durability`
+    /// collects what the caller must wait for after releasing the lock.
     func deadLetter(
-        _ letters: [(Position, Int, String)], topic: TopicState, group: GroupState, state: inout State,
-        settled: inout [Position]
+        _ letters: [(Position, Int, String)], topic: TopicState, group: GroupState, now: UInt64, state: inout State,
+        settled: inout [Position], durability: inout [(topic: String, waits: [(PartitionState, Int64)])]
     ) {
         guard !letters.isEmpty else { return }
         var events: [WireEvent] = []
         var summaries: [EventSummary] = []
+        var keys: [String] = []
+        var written: [(position: Position, attempts: Int)] = []
         for (position, attempts, reason) in letters {
             guard
                 let record = try? topic.partitions[position.partition].log.read(from: position.offset, maxRecords: 1)
-                    .first,
-                var event = try? BinaryEvent.decode(WireEvent(headers: record.headers, data: record.payload))
+                    .first, record.offset == position.offset
             else {
+                // Deleted by retention meanwhile: there is nothing left to dead-letter.
                 settled.append(position)
                 continue
             }
-            event.extensions["deadletterreason"] = .string(reason)
-            event.extensions["deliveryattempts"] = .integer(Int32(clamping: attempts))
-            event.extensions["deadlettergroup"] = .string(group.name)
-            guard let wire = try? BinaryEvent.encode(event), let summary = try? BinaryEvent.summary(wire.headers)
-            else { continue }
+            var wire = WireEvent(headers: record.headers, data: record.payload)
+            if var event = try? BinaryEvent.decode(wire) {
+                event.extensions["deadletterreason"] = .string(reason)
+                event.extensions["deliveryattempts"] = .integer(Int32(clamping: attempts))
+                event.extensions["deadlettergroup"] = .string(group.name)
+                event.extensions["deadletterposition"] = .string("\(position.partition)/\(position.offset)")
+                if let encoded = try? BinaryEvent.encode(event) { wire = encoded }
+            }
+            guard let summary = try? BinaryEvent.summary(wire.headers) else {
+                settled.append(position)  // it was checked on publish; unreachable in practice
+                continue
+            }
             events.append(wire)
             summaries.append(summary)
-            group.deadLettered += 1
-            settled.append(position)
+            keys.append(Broker.deadLetterKey(group: group.name, position: "\(position.partition)/\(position.offset)"))
+            written.append((position, attempts))
         }
-        guard !events.isEmpty,
-            let dlq = try? topicLocked(topic.name + ".dlq", partitions: 1, state: &state),
-            let (_, waits) = try? appendLocked(
-                dlq, events, summaries, dedupGroup: { _ in group.name }, bypassDedup: false)
-        else {
-            logger.error("could not write dead letters", metadata: ["topic": "\(topic.name)"])
-            return
-        }
-        let name = dlq.name
-        for (partition, through) in waits {
-            partition.unacknowledged -= 1
+        guard !events.isEmpty else { return }
+        do {
+            let dlq = try topicLocked(topic.name + ".dlq", partitions: 1, state: &state)
+            let (_, waits) = try appendLocked(
+                dlq, events, summaries, dedupGroup: { keys[$0] }, bypassDedup: false)
+            settled += written.map(\.position)
+            group.deadLettered += written.count
             if configuration.fsync == .always {
-                commit.whenDurable(partition.log, through: through) { [weak self] _ in self?.makeVisible(topic: name) }
+                durability.append((dlq.name, waits))
             } else {
-                partition.visible = partition.log.nextOffset
+                for (partition, _) in waits { partition.visible = partition.log.nextOffset }
+            }
+        } catch {
+            logger.error(
+                "could not write dead letters; they will be delivered again",
+                metadata: ["topic": "\(topic.name)", "error": "\(error)"])
+            for (position, attempts) in written {
+                group.redeliveries.append(Redelivery(due: now + 1_000_000_000, position: position, attempt: attempts))
             }
         }
+    }
+
+    /// The dead-letter topic's dedup group for a letter: the consumer group and the original position.
+    static func deadLetterKey(group: String, position: String) -> String { "\(group)@\(position)" }
+
+    /// Waits (off the lock) for dead letters to become durable, then shows them to the dead-letter topic's groups.
+    func awaitDurability(_ durability: [(topic: String, waits: [(PartitionState, Int64)])]) {
+        for (topic, waits) in durability { whenDurable(waits, topic: topic) { _ in } }
     }
 
     /// Hands what each member of each group has room for: due redeliveries first, then new records.

@@ -80,7 +80,7 @@ extension Broker {
             for record in records {
                 guard var event = try? BinaryEvent.decode(WireEvent(headers: record.headers, data: record.payload))
                 else { continue }
-                for name in ["deadletterreason", "deliveryattempts", "deadlettergroup"] {
+                for name in ["deadletterreason", "deliveryattempts", "deadlettergroup", "deadletterposition"] {
                     event.extensions.removeValue(forKey: name)
                 }
                 guard let wire = try? BinaryEvent.encode(event), let summary = try? BinaryEvent.summary(wire.headers)
@@ -109,7 +109,6 @@ extension Broker {
             }
             return (events, waits)
         }
-        defer { release(waits) }
         if configuration.fsync == .always {
             try await waitDurable(waits, topic: name)
         } else {

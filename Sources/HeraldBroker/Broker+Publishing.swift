@@ -48,12 +48,10 @@ extension Broker {
         }
         hand(deliveries)
         guard configuration.fsync == .always else {
-            release(waits)
             completion(.success(positions))
             return
         }
-        whenDurable(waits, topic: name) { [self] failure in
-            release(waits)
+        whenDurable(waits, topic: name) { failure in
             completion(failure.map { .failure($0) } ?? .success(positions))
         }
     }
@@ -77,8 +75,9 @@ extension Broker {
         return summaries
     }
 
-    /// Calls `completion` once every touched partition is durable (or failed); consumers see the records as soon
-    /// as the fsync returns, before the publisher hears back.
+    /// Calls `completion` once every touched partition is durable (or failed); consumers see the records, and the
+    /// partitions' publish admission is released, as soon as the fsync returns, before the publisher hears back.
+    /// Never call it under the broker's lock: an already durable partition completes at once.
     func whenDurable(
         _ waits: [(PartitionState, Int64)], topic name: String,
         _ completion: @escaping @Sendable (BrokerError?) -> Void
@@ -96,7 +95,7 @@ extension Broker {
                     return (state.count == 0, state.failure)
                 }
                 guard last else { return }
-                makeVisible(topic: name)
+                makeVisible(topic: name, releasing: waits)
                 completion(
                     failure.map {
                         BrokerError(.unavailable, "the partition could not make the events durable: \($0)")
@@ -113,13 +112,11 @@ extension Broker {
         if let failure { throw failure }
     }
 
-    func release(_ waits: [(PartitionState, Int64)]) {
-        state.withLock { _ in for (partition, _) in waits { partition.unacknowledged -= 1 } }
-    }
-
-    /// After a group commit: consumers may now see what is durable.
-    func makeVisible(topic name: String) {
+    /// After a group commit: consumers may now see what is durable, and the publishes that waited for it no longer
+    /// count against their partitions' admission limit.
+    func makeVisible(topic name: String, releasing waits: [(PartitionState, Int64)] = []) {
         let deliveries = state.withLock { state -> [Outgoing] in
+            for (partition, _) in waits { partition.unacknowledged -= 1 }
             guard let topic = state.topics[name] else { return [] }
             for partition in topic.partitions {
                 partition.visible = max(partition.visible, partition.log.durableOffset)
@@ -204,7 +201,8 @@ extension Broker {
         }
         var waits: [(PartitionState, Int64)] = []
         for (index, offset) in through.enumerated() where offset >= 0 {
-            topic.partitions[index].unacknowledged += 1
+            // Only publishes that wait for an fsync are held back by the admission limit.
+            if configuration.fsync == .always { topic.partitions[index].unacknowledged += 1 }
             waits.append((topic.partitions[index], offset))
         }
         return (positions.map { $0! }, waits)

@@ -103,12 +103,11 @@ extension Broker {
                     guard let summary = try? BinaryEvent.summary(record.headers) else { continue }
                     var group: String?
                     if isDeadLetterTopic,
-                        case .string(let name)? =
-                            (try? BinaryEvent.decode(
-                                WireEvent(headers: record.headers, data: record.payload)))?[
-                                extension: "deadlettergroup"]
+                        let letter = try? BinaryEvent.decode(WireEvent(headers: record.headers, data: record.payload)),
+                        case .string(let name)? = letter[extension: "deadlettergroup"],
+                        case .string(let position)? = letter[extension: "deadletterposition"]
                     {
-                        group = name
+                        group = Broker.deadLetterKey(group: name, position: position)
                     }
                     let age = UInt64(max(0, nowWall - record.timestamp)) * 1_000_000
                     topic.dedup.insert(

@@ -11,6 +11,7 @@ extension Broker {
     /// Expires ack deadlines, releases due redeliveries, syncs the journal and applies retention.
     public func tick() {
         let now = monotonicNanoseconds()
+        var durability: [(topic: String, waits: [(PartitionState, Int64)])] = []
         let (deliveries, logsToSync) = state.withLock { state -> ([Outgoing], [PartitionLog]) in
             var deliveries: [Outgoing] = []
             for topic in state.topics.values {
@@ -39,9 +40,13 @@ extension Broker {
                 }
                 for (group, groupLetters) in letters {
                     var settled: [Position] = []
-                    deadLetter(groupLetters, topic: topic, group: group, state: &state, settled: &settled)
-                    try? state.journal.append([.settled(topic: topic.name, group: group.name, positions: settled)])
-                    state.journalDirty = true
+                    deadLetter(
+                        groupLetters, topic: topic, group: group, now: now, state: &state, settled: &settled,
+                        durability: &durability)
+                    if !settled.isEmpty {
+                        try? state.journal.append([.settled(topic: topic.name, group: group.name, positions: settled)])
+                        state.journalDirty = true
+                    }
                 }
                 let due = topic.groups.values.contains { group in
                     !group.memberOrder.isEmpty
@@ -80,6 +85,7 @@ extension Broker {
             return (deliveries, toSync)
         }
         hand(deliveries)
+        awaitDurability(durability)
         for log in logsToSync { commit.whenDurable(log, through: log.nextOffset) { _ in } }
     }
 

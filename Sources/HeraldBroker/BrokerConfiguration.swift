@@ -1,3 +1,4 @@
+import Herald
 import HeraldLog
 
 /// When the broker calls fdatasync.
@@ -26,7 +27,7 @@ public enum FsyncPolicy: Sendable, Hashable, CustomStringConvertible {
         case .always: "always"
         case .none: "none"
         case .interval(let interval):
-            "interval:\(interval.components.seconds * 1000 + interval.components.attoseconds / 1_000_000_000_000_000)"
+            "interval:\(interval.milliseconds)"
         }
     }
 }
@@ -109,15 +110,6 @@ public struct BrokerError: Error, Hashable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { "BrokerError.\(code): \(message)" }
-}
-
-extension Duration {
-    var nanoseconds: Int64 {
-        let (seconds, attoseconds) = components
-        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
-    }
-
-    var milliseconds: Int64 { nanoseconds / 1_000_000 }
 }
 
 func logConfiguration(_ configuration: BrokerConfiguration, retention: TopicRetention) -> PartitionLog.Configuration {

@@ -484,6 +484,7 @@ public final class BrokerTransport: EventTransport {
         var pushes: [(DeliveryBuffer, [Delivery])] = []
         var outgoing: [(Message, UInt32)] = []
         var close = false
+        var queued = false
         let channel = state.withLock { state -> (any Channel)? in
             guard var connection = state.connection, connection.generation == generation else { return nil }
             let action = connection.machine.received(frame)
@@ -524,6 +525,8 @@ public final class BrokerTransport: EventTransport {
                 close = true
             }
             state.connection = connection
+            // Anything queued while the handshake ran goes out now.
+            queued = connection.ready && (!state.outbox.isEmpty || !state.adminOutbox.isEmpty)
             return connection.channel
         }
         for resume in resumes { resume() }
@@ -532,8 +535,7 @@ public final class BrokerTransport: EventTransport {
             for (message, id) in outgoing { send(message, requestID: id, on: channel) }
             if close { channel.close(promise: nil) }
         }
-        // Anything queued while the handshake ran goes out now.
-        if !outgoing.isEmpty || state.withLock({ !$0.outbox.isEmpty || !$0.adminOutbox.isEmpty }) { scheduleFlush() }
+        if queued { scheduleFlush() }
     }
 
     private func respond(_ message: Message, requestID id: UInt32, state: inout State) -> [() -> Void] {
@@ -705,13 +707,6 @@ final class ClientHandler: ChannelInboundHandler, Sendable {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
-    }
-}
-
-extension Duration {
-    var milliseconds: Int64 {
-        let (seconds, attoseconds) = components
-        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
     }
 }
 

@@ -432,10 +432,7 @@ public final class PartitionLog: Sendable {
             while state.segments.count > 1 {
                 let oldest = state.segments[0]
                 let tooOld =
-                    state.maxAge.map {
-                        oldest.maxTimestamp < nowMilliseconds - Int64($0.components.seconds * 1000)
-                            - Int64($0.components.attoseconds / 1_000_000_000_000_000)
-                    } ?? false
+                    state.maxAge.map { oldest.maxTimestamp < nowMilliseconds - Int64($0 / .milliseconds(1)) } ?? false
                 let tooBig = state.maxBytes.map { total > $0 } ?? false
                 guard tooOld || tooBig else { break }
                 unlink(oldest.path)

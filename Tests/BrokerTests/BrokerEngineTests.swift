@@ -269,6 +269,20 @@ struct BrokerEngineTests {
         let decoded = try replayed.map { try BinaryEvent.decode($0.event) }
         #expect(Set(decoded.map(\.id)) == Set(letters.map(\.id)), "the same events come back")
         #expect(decoded.allSatisfy { $0.extensions["deadletterreason"] == nil })
+        // Replayed events that fail again get letters of their own (and can be replayed again).
+        _ = broker.settle(
+            member: id,
+            replayed.map {
+                SettleItem(
+                    settlement: .terminate(reason: "still declined"), partition: $0.partition, offset: $0.offset,
+                    attempt: $0.attempt)
+            })
+        try await Task.sleep(for: .milliseconds(20))
+        let again = try broker.deadLetters(topic: "pay")
+        #expect(again.count == 4)
+        #expect(
+            again.suffix(2).allSatisfy { $0.extensions["deadletterreason"] == .string("terminated: still declined") })
+        #expect(try await broker.replayDeadLetters(topic: "pay") == 2)
     }
 
     @Test func topicsAndGroupsPersistAndCanBeDeleted() async throws {
