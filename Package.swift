@@ -12,6 +12,9 @@ let package = Package(
         .library(name: "HeraldWire", targets: ["HeraldWire"]),
         .library(name: "HeraldBroker", targets: ["HeraldBroker"]),
         .library(name: "HeraldClient", targets: ["HeraldClient"]),
+        .library(name: "HeraldAuth", targets: ["HeraldAuth"]),
+        .library(name: "HeraldEncryption", targets: ["HeraldEncryption"]),
+        .library(name: "HeraldHTTP", targets: ["HeraldHTTP"]),
         .executable(name: "herald", targets: ["HeraldCLI"]),
     ],
     dependencies: [
@@ -22,6 +25,13 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-nio-extras", from: "1.35.2"),
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
+        .package(url: "https://github.com/vapor/jwt-kit", from: "5.8.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
     ],
     targets: [
         // The core: events, CloudEvents codec, the bus, strategies, middleware, sagas, the transport seam.
@@ -46,11 +56,27 @@ let package = Package(
         ),
         // The TCP protocol: frames, messages, the binary event encoding, and the connection state machines.
         .target(name: "HeraldWire", dependencies: ["Herald", .product(name: "NIOCore", package: "swift-nio")]),
+        // Who may do what: static bearer tokens and JWTs whose claims grant publish/subscribe/admin on topic
+        // patterns. One decision path for every interface (TCP, HTTP, admin). No NIO.
+        .target(
+            name: "HeraldAuth",
+            dependencies: [
+                .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        // End-to-end payload encryption: a transport decorator that seals event data with AES-GCM. No NIO.
+        .target(
+            name: "HeraldEncryption",
+            dependencies: ["Herald", .product(name: "Crypto", package: "swift-crypto")]
+        ),
         // The broker: topics, partitions, consumer groups, dedup, dead letters on the log; its TCP server.
         .target(
             name: "HeraldBroker",
             dependencies: [
-                "Herald", "HeraldLog", "HeraldWire",
+                "Herald", "HeraldLog", "HeraldWire", "HeraldAuth",
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -63,10 +89,34 @@ let package = Package(
             name: "HeraldClient",
             dependencies: [
                 "Herald", "HeraldWire",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "DequeModule", package: "swift-collections"),
+            ]
+        ),
+        // The broker's HTTP and CloudEvents API (Hummingbird), push delivery, Prometheus metrics, and a small
+        // HTTP/1.1 client for push and for services that speak only HTTP.
+        .target(
+            name: "HeraldHTTP",
+            dependencies: [
+                "Herald", "HeraldWire", "HeraldBroker", "HeraldAuth",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
+                .product(name: "HummingbirdTLS", package: "hummingbird"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         // The shared transport conformance suite and test doubles users need too.
@@ -81,6 +131,10 @@ let package = Package(
                 "HeraldBroker",
                 "HeraldClient",
                 "HeraldWire",
+                "HeraldHTTP",
+                "HeraldAuth",
+                "HeraldEncryption",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
@@ -102,6 +156,17 @@ let package = Package(
             dependencies: [
                 "Herald", "HeraldTesting", "HeraldLog", "HeraldWire", "HeraldBroker", "HeraldClient",
                 .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "HTTPTests",
+            dependencies: [
+                "Herald", "HeraldTesting", "HeraldWire", "HeraldBroker", "HeraldClient", "HeraldHTTP", "HeraldAuth",
+                "HeraldEncryption",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "JWTKit", package: "jwt-kit"),
             ]
         ),
         .testTarget(name: "OrderSystemTests", dependencies: ["OrderSystem", "Herald", "HeraldTesting"]),

@@ -1,5 +1,6 @@
 import Foundation
 import Herald
+import HeraldAuth
 
 /// The administrative commands, shared by every interface (TCP now, HTTP later): JSON in, JSON out.
 ///
@@ -14,6 +15,9 @@ import Herald
 /// | `groups.delete` | `{"topic", "group"}` | `{}` |
 /// | `dlq.list` | `{"topic", "limit"?}` | structured CloudEvents batch |
 /// | `dlq.replay` | `{"topic", "limit"?}` | `{"replayed": N}` |
+///
+/// Every command needs the `admin` permission on its topic; the list commands need `admin` on some topic and
+/// show only the topics it covers.
 public enum AdminCommand {
     struct Arguments: Codable {
         var name: String?
@@ -31,9 +35,10 @@ public enum AdminCommand {
 
     struct Empty: Codable {}
 
-    public static func run(_ command: String, arguments: [UInt8], on broker: Broker) async throws(BrokerError)
-        -> [UInt8]
-    {
+    /// Runs `command` for `principal`; throws `AuthError` when it may not, `BrokerError` when it fails.
+    public static func run(
+        _ command: String, arguments: [UInt8], on broker: Broker, as principal: Principal = .anonymous
+    ) async throws -> [UInt8] {
         let args: Arguments
         do {
             args = arguments.isEmpty ? Arguments() : try JSONDecoder().decode(Arguments.self, from: Data(arguments))
@@ -44,9 +49,15 @@ public enum AdminCommand {
             guard let value else { throw BrokerError(.invalidRequest, "'\(command)' needs \"\(name)\"") }
             return value
         }
+        if let topic = args.name ?? args.topic {
+            try principal.require(.admin, on: topic)
+        } else {
+            try principal.requireAny(.admin)
+        }
+        let visible = { (topic: String) in principal.permissions.allows(.admin, on: topic) }
         switch command {
         case "topics.list":
-            return try encode(broker.topics())
+            return try encode(broker.topics().filter { visible($0.name) })
         case "topics.create":
             let retention =
                 args.retentionSeconds != nil || args.retentionBytes != nil
@@ -69,7 +80,8 @@ public enum AdminCommand {
             try broker.deleteTopic(try required(args.name, "name"))
             return try encode(Empty())
         case "groups.list":
-            return try encode(args.topic.map { broker.groups(topic: $0) } ?? broker.allGroups())
+            return try encode(
+                args.topic.map { broker.groups(topic: $0) } ?? broker.allGroups().filter { visible($0.topic) })
         case "groups.delete":
             try broker.deleteGroup(topic: try required(args.topic, "topic"), group: try required(args.group, "group"))
             return try encode(Empty())

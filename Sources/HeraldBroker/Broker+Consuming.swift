@@ -31,7 +31,7 @@ extension Broker {
         return id
     }
 
-    func groupLocked(_ topic: TopicState, _ request: SubscribeRequest, state: inout State)
+    func groupLocked(_ topic: TopicState, _ request: SubscribeRequest, state: inout State, pushURL: String? = nil)
         throws(BrokerError) -> GroupState
     {
         if let group = topic.groups[request.group] { return group }
@@ -52,7 +52,7 @@ extension Broker {
         }
         let options = GroupOptions(
             ackWaitMilliseconds: max(1, request.ackWaitMilliseconds), maxDeliveries: request.maxDeliveries,
-            backoffMilliseconds: request.backoffMilliseconds, ordered: request.ordered)
+            backoffMilliseconds: request.backoffMilliseconds, ordered: request.ordered, pushURL: pushURL)
         let group = GroupState(name: request.group, options: options, cursors: cursors)
         do {
             try state.journal.append([

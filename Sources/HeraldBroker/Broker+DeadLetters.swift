@@ -28,7 +28,9 @@ extension Broker {
         return GroupInfo(
             topic: topic.name, group: group.name, lag: lag, pending: group.pending.count + group.redeliveries.count,
             delivered: group.delivered, redelivered: group.redelivered, deadLettered: group.deadLettered,
-            acked: group.acked, members: group.members.count)
+            acked: group.acked, members: group.members.count, ackWaitMs: group.options.ackWaitMilliseconds,
+            maxDeliver: group.options.maxDeliveries, backoffMs: group.options.backoffMilliseconds,
+            ordered: group.options.ordered, pushURL: group.options.pushURL)
     }
 
     public func deleteGroup(topic: String, group: String) throws(BrokerError) {

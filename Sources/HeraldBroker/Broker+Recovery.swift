@@ -42,6 +42,8 @@ extension Broker {
                 topic.groups[group] = GroupState(name: group, options: options, cursors: starts)
             case .groupDeleted(let topic, let group):
                 state.topics[topic]?.groups.removeValue(forKey: group)
+            case .groupConfigured(let topic, let group, let options):
+                state.topics[topic]?.groups[group]?.options = options
             case .settled(let topic, let group, let positions):
                 guard let group = state.topics[topic]?.groups[group] else { continue }
                 for position in positions where position.partition < group.cursors.count {

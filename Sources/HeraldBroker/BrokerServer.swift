@@ -1,7 +1,9 @@
+import HeraldAuth
 import HeraldWire
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import ServiceLifecycle
 import Synchronization
 
@@ -12,18 +14,25 @@ public final class BrokerServer: Service, Sendable {
     public let port: Int
     let group: any EventLoopGroup
     let logger: Logger
+    /// With an authenticator, every connection must authenticate in its hello (within the handshake deadline)
+    /// and every request is checked against the principal's permissions.
+    let authenticator: Authenticator?
+    let tls: NIOSSLContext?
     private let channel = Mutex<(any Channel)?>(nil)
     /// The open client connections, so stopping the server closes them (clients then reconnect elsewhere).
     private let connections = Mutex([ObjectIdentifier: any Channel]())
 
     public init(
         broker: Broker, host: String = "127.0.0.1", port: Int = 7420,
-        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger = Logger(label: "herald.tcp")
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, authenticator: Authenticator? = nil,
+        tls: NIOSSLContext? = nil, logger: Logger = Logger(label: "herald.tcp")
     ) {
         self.broker = broker
         self.host = host
         self.port = port
         self.group = group
+        self.authenticator = authenticator
+        self.tls = tls
         self.logger = logger
     }
 
@@ -36,6 +45,8 @@ public final class BrokerServer: Service, Sendable {
             maxEventSize: UInt32(configuration.maxEventBytes))
         let broker = self.broker
         let logger = self.logger
+        let authenticator = self.authenticator
+        let tls = self.tls
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -63,10 +74,12 @@ public final class BrokerServer: Service, Sendable {
                     self.connections.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(channel)) }
                 }
                 return channel.eventLoop.makeCompletedFuture {
+                    if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                     try channel.pipeline.syncOperations.addHandler(
                         ByteToMessageHandler(FrameDecoderHandler(maxFrameSize: configuration.maxFrameBytes)))
                     try channel.pipeline.syncOperations.addHandler(
-                        BrokerConnectionHandler(broker: broker, welcome: welcome, logger: logger))
+                        BrokerConnectionHandler(
+                            broker: broker, welcome: welcome, authenticator: authenticator, logger: logger))
                 }
             }
         let bound = try await bootstrap.bind(host: host, port: port).get()
@@ -142,15 +155,19 @@ final class BrokerConnectionHandler: ChannelInboundHandler {
 
     let broker: Broker
     let logger: Logger
+    let authenticator: Authenticator?
     var machine: ServerConnectionStateMachine
+    /// Who this connection acts for (anonymous with everything allowed when authentication is off).
+    var principal = Principal.anonymous
     /// subscription id → broker member id
     var members: [UInt32: Int] = [:]
     var handshakeTimeout: Scheduled<Void>?
 
-    init(broker: Broker, welcome: Welcome, logger: Logger) {
+    init(broker: Broker, welcome: Welcome, authenticator: Authenticator?, logger: Logger) {
         self.broker = broker
         self.logger = logger
-        self.machine = ServerConnectionStateMachine(welcome: welcome)
+        self.authenticator = authenticator
+        self.machine = ServerConnectionStateMachine(welcome: welcome, requiresAuthentication: authenticator != nil)
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -207,8 +224,40 @@ final class BrokerConnectionHandler: ChannelInboundHandler {
     ) {
         let broker = self.broker
         let channel = context.channel
+        let principal = self.principal
         switch request {
+        case .authenticate(let credential):
+            guard let authenticator else { return }
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            Task {
+                var refusal: WireError?
+                var principal = Principal.anonymous
+                do {
+                    guard case .bearer(let token) = credential else {
+                        throw AuthError(.unauthenticated, "this broker requires a bearer token in the hello")
+                    }
+                    principal = try await authenticator.authenticate(token: token)
+                } catch {
+                    refusal = WireError(.unauthenticated, (error as? AuthError)?.message ?? "\(error)")
+                }
+                bound.eventLoop.execute { [refusal, principal] in
+                    let (handler, context) = bound.value
+                    if let refusal {
+                        handler.execute(
+                            handler.machine.authenticationFailed(refusal, requestID: requestID), context: context)
+                    } else {
+                        handler.principal = principal
+                        handler.execute(handler.machine.authenticated(requestID: requestID), context: context)
+                    }
+                }
+            }
         case .publish(let topic, let events):
+            do throws(AuthError) {
+                try principal.require(.publish, on: topic)
+            } catch {
+                write(.error(error.wireError), requestID: requestID, context: context)
+                return
+            }
             Task {
                 let reply: Message
                 do {
@@ -221,6 +270,13 @@ final class BrokerConnectionHandler: ChannelInboundHandler {
                 channel.writeAndFlush(buffer, promise: nil)
             }
         case .subscribe(let subscribe):
+            do throws(AuthError) {
+                try principal.require(.subscribe, on: subscribe.topic)
+            } catch {
+                machine.subscriptionEnded(requestID)
+                write(.error(error.wireError), requestID: requestID, context: context)
+                return
+            }
             do {
                 let member = TCPMember(channel: channel, subscriptionID: requestID)
                 members[requestID] = try broker.subscribe(subscribe, member: member)
@@ -238,14 +294,26 @@ final class BrokerConnectionHandler: ChannelInboundHandler {
             Task {
                 let reply: Message
                 do {
-                    reply = .adminResult(try await AdminCommand.run(command, arguments: arguments, on: broker))
+                    reply = .adminResult(
+                        try await AdminCommand.run(command, arguments: arguments, on: broker, as: principal))
                 } catch {
-                    reply = .error((error as? BrokerError)?.wireError ?? WireError(.internalError, "\(error)"))
+                    reply = .error(
+                        (error as? BrokerError)?.wireError ?? (error as? AuthError)?.wireError
+                            ?? WireError(.internalError, "\(error)"))
                 }
                 var buffer = channel.allocator.buffer(capacity: 64)
                 reply.write(requestID: requestID, to: &buffer)
                 channel.writeAndFlush(buffer, promise: nil)
             }
+        }
+    }
+}
+
+extension AuthError {
+    var wireError: WireError {
+        switch code {
+        case .unauthenticated: WireError(.unauthenticated, message)
+        case .forbidden: WireError(.forbidden, message)
         }
     }
 }

@@ -43,14 +43,15 @@ struct Redelivery {
 
 struct MemberSlot {
     let member: any BrokerMember
-    let maxInFlight: Int
+    /// Deliveries the member may hold unsettled; a pull member's grows with each pull (`grant`).
+    var maxInFlight: Int
     var inFlight = 0
 }
 
 /// A consumer group's state, guarded by the broker's lock.
 final class GroupState {
     let name: String
-    let options: GroupOptions
+    var options: GroupOptions
     /// The next offset never yet delivered, per partition.
     var cursors: [Int64]
     /// Offsets at or after the cursor that were settled before a restart: skipped when reached.
@@ -195,6 +196,12 @@ public struct GroupInfo: Sendable, Hashable, Codable {
     public var deadLettered: Int
     public var acked: Int
     public var members: Int
+    public var ackWaitMs: UInt32
+    public var maxDeliver: UInt32
+    public var backoffMs: [UInt32]
+    public var ordered: Bool
+    /// Set for a push group.
+    public var pushURL: String?
 }
 
 /// A topic's shape, as `herald topics` shows it.

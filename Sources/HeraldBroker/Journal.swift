@@ -8,12 +8,14 @@ import NIOCore
     import Darwin
 #endif
 
-/// Options of a consumer group, fixed when the group is created.
+/// Options of a consumer group: set when the group is created, changed by `configureGroup`.
 struct GroupOptions: Sendable, Hashable {
     var ackWaitMilliseconds: UInt32
     var maxDeliveries: UInt32
     var backoffMilliseconds: [UInt32]
     var ordered: Bool
+    /// A push group: the broker POSTs each event to this URL (the HTTP server does the pushing).
+    var pushURL: String? = nil
 }
 
 /// One change to the broker's metadata. Topics, consumer groups, settled deliveries and delivery attempts are
@@ -24,6 +26,7 @@ enum JournalEntry: Sendable, Hashable {
     case topicConfigured(name: String, retention: TopicRetention)
     case groupCreated(topic: String, group: String, options: GroupOptions, cursors: [Int64])
     case groupDeleted(topic: String, group: String)
+    case groupConfigured(topic: String, group: String, options: GroupOptions)
     /// Deliveries settled for good (acked or dead-lettered): never delivered to the group again.
     case settled(topic: String, group: String, positions: [Position])
     /// A delivery attempt beyond the first, so max-deliveries holds across restarts.
@@ -50,12 +53,17 @@ enum JournalEntry: Sendable, Hashable {
             buffer.writeInteger(UInt8(3))
             buffer.writeJournalString(topic)
             buffer.writeJournalString(group)
-            buffer.writeMultipleIntegers(options.ackWaitMilliseconds, options.maxDeliveries)
-            buffer.writeInteger(UInt32(options.backoffMilliseconds.count))
-            for delay in options.backoffMilliseconds { buffer.writeInteger(delay) }
-            buffer.writeInteger(UInt8(options.ordered ? 1 : 0))
+            buffer.writeOptions(options)
             buffer.writeInteger(UInt32(cursors.count))
             for cursor in cursors { buffer.writeInteger(cursor) }
+            // Written last so that journals from before push groups still decode.
+            if let url = options.pushURL { buffer.writeJournalString(url) }
+        case .groupConfigured(let topic, let group, let options):
+            buffer.writeInteger(UInt8(8))
+            buffer.writeJournalString(topic)
+            buffer.writeJournalString(group)
+            buffer.writeOptions(options)
+            if let url = options.pushURL { buffer.writeJournalString(url) }
         case .groupDeleted(let topic, let group):
             buffer.writeInteger(UInt8(4))
             buffer.writeJournalString(topic)
@@ -91,27 +99,15 @@ enum JournalEntry: Sendable, Hashable {
             return buffer.readJournalString().map { .topicDeleted(name: $0) }
         case 3:
             guard let topic = buffer.readJournalString(), let group = buffer.readJournalString(),
-                let (ackWait, maxDeliveries) = buffer.readMultipleIntegers(as: (UInt32, UInt32).self),
-                let backoffCount = buffer.readInteger(as: UInt32.self), backoffCount < 1000
-            else { return nil }
-            var backoff: [UInt32] = []
-            for _ in 0..<backoffCount {
-                guard let delay = buffer.readInteger(as: UInt32.self) else { return nil }
-                backoff.append(delay)
-            }
-            guard let ordered = buffer.readInteger(as: UInt8.self), let count = buffer.readInteger(as: UInt32.self),
-                count < 100_000
+                var options = buffer.readOptions(), let count = buffer.readInteger(as: UInt32.self), count < 100_000
             else { return nil }
             var cursors: [Int64] = []
             for _ in 0..<count {
                 guard let cursor = buffer.readInteger(as: Int64.self) else { return nil }
                 cursors.append(cursor)
             }
-            return .groupCreated(
-                topic: topic, group: group,
-                options: GroupOptions(
-                    ackWaitMilliseconds: ackWait, maxDeliveries: maxDeliveries, backoffMilliseconds: backoff,
-                    ordered: ordered != 0), cursors: cursors)
+            if buffer.readableBytes > 0 { options.pushURL = buffer.readJournalString() }
+            return .groupCreated(topic: topic, group: group, options: options, cursors: cursors)
         case 4:
             guard let topic = buffer.readJournalString(), let group = buffer.readJournalString() else { return nil }
             return .groupDeleted(topic: topic, group: group)
@@ -143,9 +139,40 @@ enum JournalEntry: Sendable, Hashable {
                 name: name,
                 retention: TopicRetention(
                     maxAge: age < 0 ? nil : .milliseconds(age), maxBytes: size < 0 ? nil : Int(size)))
+        case 8:
+            guard let topic = buffer.readJournalString(), let group = buffer.readJournalString(),
+                var options = buffer.readOptions()
+            else { return nil }
+            if buffer.readableBytes > 0 { options.pushURL = buffer.readJournalString() }
+            return .groupConfigured(topic: topic, group: group, options: options)
         default:
             return nil
         }
+    }
+}
+
+extension ByteBuffer {
+    /// Everything but the push URL (which goes last, optional, so old journals still decode).
+    fileprivate mutating func writeOptions(_ options: GroupOptions) {
+        writeMultipleIntegers(options.ackWaitMilliseconds, options.maxDeliveries)
+        writeInteger(UInt32(options.backoffMilliseconds.count))
+        for delay in options.backoffMilliseconds { writeInteger(delay) }
+        writeInteger(UInt8(options.ordered ? 1 : 0))
+    }
+
+    fileprivate mutating func readOptions() -> GroupOptions? {
+        guard let (ackWait, maxDeliveries) = readMultipleIntegers(as: (UInt32, UInt32).self),
+            let backoffCount = readInteger(as: UInt32.self), backoffCount < 1000
+        else { return nil }
+        var backoff: [UInt32] = []
+        for _ in 0..<backoffCount {
+            guard let delay = readInteger(as: UInt32.self) else { return nil }
+            backoff.append(delay)
+        }
+        guard let ordered = readInteger(as: UInt8.self) else { return nil }
+        return GroupOptions(
+            ackWaitMilliseconds: ackWait, maxDeliveries: maxDeliveries, backoffMilliseconds: backoff,
+            ordered: ordered != 0)
     }
 }
 

@@ -4,15 +4,28 @@ import Herald
 import HeraldBroker
 import HeraldClient
 import HeraldWire
+import NIOSSL
 
 /// `--broker HOST:PORT` for every client command (environment HERALD_BROKER; default 127.0.0.1:7420).
 struct BrokerOptions: ParsableArguments {
     @Option(help: "Broker address (default 127.0.0.1:7420, or HERALD_BROKER).") var broker: String?
+    @Option(help: "Bearer token or JWT for a broker with auth (or HERALD_TOKEN).") var token: String?
+    @Option(help: "Connect with TLS, trusting this CA file (PEM) (or HERALD_TLS_CA).") var tlsCa: String?
 
     func connect(as name: String) throws -> BrokerTransport {
-        let text = broker ?? ProcessInfo.processInfo.environment["HERALD_BROKER"] ?? "127.0.0.1:7420"
+        let environment = ProcessInfo.processInfo.environment
+        let text = broker ?? environment["HERALD_BROKER"] ?? "127.0.0.1:7420"
         guard let address = Address(argument: text) else { throw ValidationError("--broker must be HOST:PORT") }
-        return BrokerTransport(host: address.host, port: address.port, clientName: name)
+        var tls: TLSConfiguration?
+        if let ca = tlsCa ?? environment["HERALD_TLS_CA"] {
+            var configuration = TLSConfiguration.makeClientConfiguration()
+            configuration.trustRoots = .file(ca)
+            tls = configuration
+        }
+        return BrokerTransport(
+            configuration: BrokerTransport.Configuration(
+                host: address.host, port: address.port, clientName: name,
+                credential: (token ?? environment["HERALD_TOKEN"]).map { .bearer($0) } ?? .none, tls: tls))
     }
 
     /// Runs an admin command and decodes its JSON result; a broker that cannot be reached fails within 10 s.
@@ -105,17 +118,8 @@ struct TailCommand: AsyncParsableCommand {
     @Flag(help: "Do not ack (the events stay pending and are redelivered).") var noAck = false
 
     func run() async throws {
-        let start: WireStart
-        switch from {
-        case "earliest": start = .earliest
-        case "latest": start = .latest
-        case let text where text.hasPrefix("offset:"):
-            guard let offset = Int64(text.dropFirst(7)) else { throw ValidationError("offset:N needs a number") }
-            start = .offset(offset)
-        case let text where text.hasPrefix("time:"):
-            guard let time = Int64(text.dropFirst(5)) else { throw ValidationError("time:UNIX_MS needs a number") }
-            start = .time(time)
-        default: throw ValidationError("--from must be earliest, latest, offset:N or time:UNIX_MS")
+        guard let start = WireStart(parsing: from) else {
+            throw ValidationError("--from must be earliest, latest, offset:N or time:UNIX_MS")
         }
         let transport = try connection.connect(as: "herald-tail")
         let groupName = group ?? "tail-\(UInt32.random(in: 0...UInt32.max))"

@@ -1,7 +1,10 @@
 import ArgumentParser
 import Foundation
+import HeraldAuth
 import HeraldBroker
+import HeraldHTTP
 import Logging
+import NIOSSL
 import ServiceLifecycle
 import UnixSignals
 
@@ -80,6 +83,12 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Segment size in MiB (default 64).") var segmentMb: Int?
     @Option(help: "Retention in hours (default 168).") var retentionHours: Int?
     @Option(help: "Maximum connections (default 1024).") var maxConnections: Int?
+    @Option(help: "HTTP listen address (default 127.0.0.1:7480; 'off' disables the HTTP API).") var http: String?
+    @Option(help: "Auth file (JSON: static tokens and JWT keys); with it every request needs a credential.")
+    var auth: String?
+    @Option(help: "TLS certificate chain (PEM) for TCP and HTTP.") var tlsCert: String?
+    @Option(help: "TLS private key (PEM).") var tlsKey: String?
+    @Option(help: "CA (PEM) that client certificates must chain to: mutual TLS.") var tlsClientCa: String?
     @Option(help: "A config file of 'key = value' lines.") var config: String?
     @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
 
@@ -107,17 +116,65 @@ struct ServeCommand: AsyncParsableCommand {
         if let value = try number(maxConnections, "max-connections") { configuration.maxConnections = value }
         var logger = Logger(label: "herald")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        let httpText = settings.value(http, "http") ?? "127.0.0.1:7480"
+        let httpAddress = httpText == "off" ? nil : Address(argument: httpText)
+        guard httpText == "off" || httpAddress != nil else { throw ValidationError("--http must be HOST:PORT or off") }
+        var authenticator: Authenticator?
+        if let file = settings.value(auth, "auth") {
+            authenticator = try await Authenticator(try AuthConfiguration.load(file: file))
+        }
+        let tls = try TLSSettings(
+            certificate: settings.value(tlsCert, "tls-cert"), key: settings.value(tlsKey, "tls-key"),
+            clientCA: settings.value(tlsClientCa, "tls-client-ca")
+        ).serverConfiguration()
         let broker = try Broker(configuration: configuration, logger: logger)
-        let server = BrokerServer(broker: broker, host: address.host, port: address.port, logger: logger)
+        let server = BrokerServer(
+            broker: broker, host: address.host, port: address.port, authenticator: authenticator,
+            tls: try tls.map { try NIOSSLContext(configuration: $0) }, logger: logger)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+            .init(service: broker), .init(service: server),
+        ]
+        if let httpAddress {
+            services.append(
+                .init(
+                    service: HTTPServer(
+                        broker: broker, host: httpAddress.host, port: httpAddress.port, authenticator: authenticator,
+                        tls: tls, logger: logger)))
+        }
         logger.info(
             "herald serve",
             metadata: [
-                "data-dir": "\(configuration.dataDirectory)", "tcp": "\(address)", "fsync": "\(configuration.fsync)",
+                "data-dir": "\(configuration.dataDirectory)", "tcp": "\(address)", "http": "\(httpText)",
+                "fsync": "\(configuration.fsync)", "auth": "\(authenticator != nil ? "on" : "off")",
+                "tls": "\(tls != nil ? "on" : "off")",
             ])
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: broker), .init(service: server)],
+                services: services,
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
+    }
+}
+
+/// TLS files for the servers: a certificate chain and key, and optionally a CA for client certificates.
+struct TLSSettings {
+    var certificate: String?
+    var key: String?
+    var clientCA: String?
+
+    func serverConfiguration() throws -> TLSConfiguration? {
+        guard certificate != nil || key != nil else {
+            guard clientCA == nil else { throw ValidationError("--tls-client-ca needs --tls-cert and --tls-key") }
+            return nil
+        }
+        guard let certificate, let key else { throw ValidationError("TLS needs both --tls-cert and --tls-key") }
+        var configuration = TLSConfiguration.makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(certificate).map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: key, format: .pem)))
+        if let clientCA {
+            configuration.trustRoots = .file(clientCA)
+            configuration.certificateVerification = .noHostnameVerification
+        }
+        return configuration
     }
 }

@@ -4,6 +4,7 @@ import HeraldWire
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 
 /// An `EventTransport` over the Herald broker's TCP protocol.
@@ -27,13 +28,16 @@ public final class BrokerTransport: EventTransport {
         /// How long a publish, subscribe or admin request waits for an unreachable broker before it fails with
         /// `TransportError.unavailable` (once connected, the broker answers or the connection drops).
         public var unreachableTimeout: Duration
+        /// Connect with TLS (verifying the broker's certificate against these settings' trust roots).
+        public var tls: TLSConfiguration?
 
         public init(
             host: String = "127.0.0.1", port: Int = 7420, clientName: String = "herald-client",
             credential: Credential = .none,
             reconnectDelay: (first: Duration, max: Duration) = (.milliseconds(50), .seconds(2)),
-            maxBatchEvents: Int = 2048, unreachableTimeout: Duration = .seconds(30)
+            maxBatchEvents: Int = 2048, unreachableTimeout: Duration = .seconds(30), tls: TLSConfiguration? = nil
         ) {
+            self.tls = tls
             self.host = host
             self.port = port
             self.clientName = clientName
@@ -397,11 +401,18 @@ public final class BrokerTransport: EventTransport {
             }
             guard let generation else { return }
             do {
+                let tls = try configuration.tls.map { try NIOSSLContext(configuration: $0) }
+                let host = configuration.host
                 let channel = try await ClientBootstrap(group: group)
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
                     .connectTimeout(.seconds(5))
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
+                            if let tls {
+                                try channel.pipeline.syncOperations.addHandler(
+                                    try NIOSSLClientHandler(
+                                        context: tls, serverHostname: host.first?.isNumber == true ? nil : host))
+                            }
                             try channel.pipeline.syncOperations.addHandler(
                                 ByteToMessageHandler(FrameDecoderHandler(maxFrameSize: 64 << 20)))
                             try channel.pipeline.syncOperations.addHandler(

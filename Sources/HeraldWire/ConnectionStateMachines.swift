@@ -11,6 +11,8 @@ public struct ServerConnectionStateMachine: Sendable {
         case settle([SettleItem])
         case unsubscribe
         case admin(command: String, arguments: [UInt8])
+        /// Check this credential, then report the outcome.
+        case authenticate(Credential)
     }
 
     public enum Action: Sendable, Hashable {
@@ -26,6 +28,7 @@ public struct ServerConnectionStateMachine: Sendable {
 
     enum State: Sendable, Hashable {
         case awaitingHello
+        case authenticating(client: String)
         case ready(client: String)
         case closed
     }
@@ -33,12 +36,13 @@ public struct ServerConnectionStateMachine: Sendable {
     private var state = State.awaitingHello
     private var subscriptions = Set<UInt32>()
     private let welcome: Welcome
-    private let authenticate: @Sendable (Hello) -> WireError?
+    private let requiresAuthentication: Bool
 
-    /// - Parameter authenticate: returns the error to refuse the handshake with, or nil to accept it.
-    public init(welcome: Welcome, authenticate: @escaping @Sendable (Hello) -> WireError? = { _ in nil }) {
+    /// - Parameter requiresAuthentication: when true, `hello` is answered by `.handle(.authenticate(...))`: the
+    ///   connection runs the (asynchronous) check and reports `authenticated(...)` or `authenticationFailed(...)`.
+    public init(welcome: Welcome, requiresAuthentication: Bool = false) {
         self.welcome = welcome
-        self.authenticate = authenticate
+        self.requiresAuthentication = requiresAuthentication
     }
 
     public var isReady: Bool { if case .ready = state { true } else { false } }
@@ -63,9 +67,16 @@ public struct ServerConnectionStateMachine: Sendable {
                     ),
                     requestID: frame.requestID)
             }
-            if let refusal = authenticate(hello) { return fail(refusal, requestID: frame.requestID) }
+            if requiresAuthentication {
+                state = .authenticating(client: hello.client)
+                return .handle(.authenticate(hello.credential), requestID: frame.requestID)
+            }
             state = .ready(client: hello.client)
             return .reply(.welcome(welcome), requestID: frame.requestID)
+        case (.authenticating, _):
+            return fail(
+                WireError(.unexpectedFrame, "no request may come before the welcome, got \(frame.kind)"),
+                requestID: frame.requestID)
         case (.awaitingHello, _):
             return fail(
                 WireError(.unexpectedFrame, "the first frame must be hello, got \(frame.kind)"),
@@ -106,6 +117,19 @@ public struct ServerConnectionStateMachine: Sendable {
         case (.closed, _):
             return .none
         }
+    }
+
+    /// The credential of the hello answered with `requestID` was accepted.
+    public mutating func authenticated(requestID: UInt32) -> Action {
+        guard case .authenticating(let client) = state else { return .none }
+        state = .ready(client: client)
+        return .reply(.welcome(welcome), requestID: requestID)
+    }
+
+    /// The credential was refused: the connection closes with this error.
+    public mutating func authenticationFailed(_ error: WireError, requestID: UInt32) -> Action {
+        guard case .authenticating = state else { return .none }
+        return fail(error, requestID: requestID)
     }
 
     /// The byte stream could not be split into frames (too large, malformed).

@@ -58,6 +58,24 @@ public enum WireStart: Sendable, Hashable {
     case time(Int64)
 }
 
+extension WireStart {
+    /// `earliest`, `latest`, `offset:N` or `time:MS` (milliseconds since the epoch).
+    public init?(parsing text: String) {
+        switch text {
+        case "earliest": self = .earliest
+        case "latest": self = .latest
+        default:
+            if text.hasPrefix("offset:"), let offset = Int64(text.dropFirst(7)) {
+                self = .offset(offset)
+            } else if text.hasPrefix("time:"), let time = Int64(text.dropFirst(5)) {
+                self = .time(time)
+            } else {
+                return nil
+            }
+        }
+    }
+}
+
 public struct SubscribeRequest: Sendable, Hashable {
     public var topic: String
     public var group: String

@@ -104,20 +104,31 @@ struct WireProtocolTests {
             return
         }
         #expect(error.code == .unsupportedVersion)
-        var guarded = ServerConnectionStateMachine(welcome: Self.welcome) { hello in
-            hello.credential == .bearer("secret") ? nil : WireError(.unauthenticated, "wrong token")
-        }
-        guard case .close(let refused, _) = guarded.received(Self.frame(.hello(Hello(client: "x")))) else {
+        var guarded = ServerConnectionStateMachine(welcome: Self.welcome, requiresAuthentication: true)
+        #expect(
+            guarded.received(Self.frame(.hello(Hello(client: "x")))) == .handle(.authenticate(.none), requestID: 7))
+        #expect(
+            guarded.received(Self.frame(.ping))
+                == .close(
+                    WireError(.unexpectedFrame, "no request may come before the welcome, got ping"), requestID: 7),
+            "nothing may be pipelined behind a hello that is being checked")
+        var refusedMachine = ServerConnectionStateMachine(welcome: Self.welcome, requiresAuthentication: true)
+        _ = refusedMachine.received(Self.frame(.hello(Hello(client: "x"))))
+        guard
+            case .close(let refused, _) = refusedMachine.authenticationFailed(
+                WireError(.unauthenticated, "wrong token"), requestID: 7)
+        else {
             Issue.record("missing credentials are refused")
             return
         }
         #expect(refused.code == .unauthenticated)
-        var good = ServerConnectionStateMachine(welcome: Self.welcome) { hello in
-            hello.credential == .bearer("secret") ? nil : WireError(.unauthenticated, "wrong token")
-        }
+        #expect(!refusedMachine.isReady)
+        var good = ServerConnectionStateMachine(welcome: Self.welcome, requiresAuthentication: true)
         #expect(
             good.received(Self.frame(.hello(Hello(client: "x", credential: .bearer("secret")))))
-                == .reply(.welcome(Self.welcome), requestID: 7))
+                == .handle(.authenticate(.bearer("secret")), requestID: 7))
+        #expect(good.authenticated(requestID: 7) == .reply(.welcome(Self.welcome), requestID: 7))
+        #expect(good.isReady)
     }
 
     @Test func theServerRoutesPipelinedRequestsAndChecksSubscriptionIDs() {
