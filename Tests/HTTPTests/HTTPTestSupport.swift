@@ -80,44 +80,59 @@ extension HTTPClient.Response {
     }
 }
 
-/// Raw bytes to a port and whatever comes back until the peer closes or `timeout` passes: for requests no
-/// well-behaved client would send, and for reading a Server-Sent Events stream.
+/// Raw bytes to a port and whatever comes back until `done` says so, the peer closes, or `timeout` passes: for
+/// requests no well-behaved client would send, a Server-Sent Events stream, and wire-level handshakes.
 func rawExchange(
     port: Int, send: [UInt8], until done: @escaping @Sendable (String) -> Bool, timeout: Duration = .seconds(5)
-)
-    async throws -> String
-{
-    let received = Mutex("")
-    let finished = Mutex<CheckedContinuation<Void, Never>?>(nil)
+) async throws -> String {
+    String(
+        decoding: try await rawBytesExchange(
+            port: port, send: send, until: { done(String(decoding: $0, as: UTF8.self)) }, timeout: timeout),
+        as: UTF8.self)
+}
+
+func rawBytesExchange(
+    port: Int, send: [UInt8], until done: @escaping @Sendable ([UInt8]) -> Bool, timeout: Duration = .seconds(5),
+    then followUp: (send: [UInt8], until: @Sendable ([UInt8]) -> Bool)? = nil
+) async throws -> [UInt8] {
+    let stage = Atomic<Int>(0)
+    let followUpDone = followUp?.until
+    let state = Mutex<(bytes: [UInt8], finished: Bool, waiter: CheckedContinuation<Void, Never>?)>(([], false, nil))
+    let finish: @Sendable () -> Void = {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.finished = true
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume()
+    }
     final class Reader: ChannelInboundHandler, Sendable {
         typealias InboundIn = ByteBuffer
-        let onBytes: @Sendable (String) -> Void
+        let onBytes: @Sendable ([UInt8]) -> Void
         let onClose: @Sendable () -> Void
-        init(onBytes: @escaping @Sendable (String) -> Void, onClose: @escaping @Sendable () -> Void) {
+        init(onBytes: @escaping @Sendable ([UInt8]) -> Void, onClose: @escaping @Sendable () -> Void) {
             self.onBytes = onBytes
             self.onClose = onClose
         }
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             let buffer = unwrapInboundIn(data)
-            onBytes(String(buffer: buffer))
+            onBytes(Array(buffer.readableBytesView))
         }
         func channelInactive(context: ChannelHandlerContext) { onClose() }
-    }
-    let finish: @Sendable () -> Void = {
-        finished.withLock {
-            $0?.resume(); $0 = nil
-        }
     }
     let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
         .channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(
                     Reader(
-                        onBytes: { text in
-                            let all = received.withLock {
-                                $0 += text; return $0
+                        onBytes: { bytes in
+                            let all = state.withLock { state in
+                                state.bytes += bytes
+                                return state.bytes
                             }
-                            if done(all) { finish() }
+                            if stage.load(ordering: .relaxed) == 0 ? done(all) : (followUpDone?(all) ?? true) {
+                                finish()
+                            }
                         }, onClose: finish))
             }
         }
@@ -128,15 +143,32 @@ func rawExchange(
         finish()
     }
     await withCheckedContinuation { continuation in
-        let ready = received.withLock { done($0) } || !channel.isActive
-        if ready {
-            continuation.resume()
-        } else {
-            finished.withLock { $0 = continuation }
-            if received.withLock({ done($0) }) { finish() }
+        let finished = state.withLock { state -> Bool in
+            if state.finished { return true }
+            state.waiter = continuation
+            return false
+        }
+        if finished { continuation.resume() }
+    }
+    if let followUp, channel.isActive {
+        let proceed = state.withLock { state in
+            state.finished = false
+            return done(state.bytes)
+        }
+        if proceed {
+            stage.store(1, ordering: .relaxed)
+            try? await channel.writeAndFlush(ByteBuffer(bytes: followUp.send))
+            await withCheckedContinuation { continuation in
+                let finished = state.withLock { state -> Bool in
+                    if state.finished || followUp.until(state.bytes) || !channel.isActive { return true }
+                    state.waiter = continuation
+                    return false
+                }
+                if finished { continuation.resume() }
+            }
         }
     }
     timer.cancel()
     try? await channel.close()
-    return received.withLock { $0 }
+    return state.withLock { $0.bytes }
 }
