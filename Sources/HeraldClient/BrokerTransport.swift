@@ -99,6 +99,11 @@ public final class BrokerTransport: EventTransport {
         var connector: Task<Void, Never>?
         /// When the broker was last reachable (or the first request queued while it was not).
         var unreachableSince: UInt64?
+        /// Connections in a row that closed before the welcome (TLS or credentials refused): each waits longer
+        /// before the next attempt, and counts as the broker being unreachable.
+        var failedHandshakes = 0
+        /// Why the broker refused the last handshake, for the error requests fail with.
+        var refusal: WireError?
     }
 
     public let configuration: Configuration
@@ -411,7 +416,9 @@ public final class BrokerTransport: EventTransport {
                             if let tls {
                                 try channel.pipeline.syncOperations.addHandler(
                                     try NIOSSLClientHandler(
-                                        context: tls, serverHostname: host.first?.isNumber == true ? nil : host))
+                                        context: tls,
+                                        serverHostname: host.contains(":")
+                                            || host.allSatisfy({ $0.isNumber || $0 == "." }) ? nil : host))
                             }
                             try channel.pipeline.syncOperations.addHandler(
                                 ByteToMessageHandler(FrameDecoderHandler(maxFrameSize: 64 << 20)))
@@ -507,6 +514,8 @@ public final class BrokerTransport: EventTransport {
             case .ready:
                 connection.ready = true
                 state.unreachableSince = nil
+                state.failedHandshakes = 0
+                state.refusal = nil
                 for (id, subscription) in state.subscriptions where !subscription.ended {
                     connection.machine.register(id, expecting: .deliver)
                     outgoing.append((.subscribe(subscription.request), id))
@@ -533,6 +542,7 @@ public final class BrokerTransport: EventTransport {
                 resumes += respond(message, requestID: id, state: &state)
             case .close(let error):
                 logger.warning("the broker connection failed", metadata: ["error": "\(error)"])
+                if !connection.ready { state.refusal = error }
                 close = true
             }
             state.connection = connection
@@ -614,9 +624,20 @@ public final class BrokerTransport: EventTransport {
 
     fileprivate func connectionLost(generation: Int) {
         var resumes: [() -> Void] = []
+        var handshakeFailed: (delay: Duration, cause: String)?
         let reconnect = state.withLock { state -> Bool in
             guard let connection = state.connection, connection.generation == generation else { return false }
             state.connection = nil
+            if !connection.ready {
+                state.failedHandshakes += 1
+                let (first, max) = configuration.reconnectDelay
+                let delay = min(first * (1 << min(state.failedHandshakes - 1, 16)), max)
+                handshakeFailed = (
+                    delay,
+                    state.refusal.map { "the broker refused the handshake: \($0.message)" }
+                        ?? "the connection closed during the handshake (TLS or the broker refused it)"
+                )
+            }
             state.flushScheduled = false
             // Publishes the broker did not answer go again (dedup makes a retry of a stored event harmless).
             let unanswered = state.inflight.sorted { $0.key < $1.key }.map(\.value)
@@ -635,7 +656,16 @@ public final class BrokerTransport: EventTransport {
             return !state.closed
         }
         for resume in resumes { resume() }
-        if reconnect { ensureConnected() }
+        guard reconnect else { return }
+        if let (delay, cause) = handshakeFailed {
+            failRequestsWaitingTooLong(TransportError(.unavailable, cause))
+            Task {
+                try? await Task.sleep(for: delay)
+                self.ensureConnected()
+            }
+        } else {
+            ensureConnected()
+        }
     }
 
     public func shutdown() async {

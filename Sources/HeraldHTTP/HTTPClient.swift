@@ -69,7 +69,11 @@ public final class HTTPClient: Sendable {
             if !body.isEmpty {
                 channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
             }
-            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            // A write that fails (the connection or its TLS handshake failed) fails the request at once.
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil)).whenFailure { error in
+                promise.fail(Failure(message: "cannot send to \(url): \(error)"))
+            }
+            if !channel.isActive { promise.fail(Failure(message: "the connection to \(url) closed")) }
         }
         let response: Response
         do {
@@ -115,7 +119,7 @@ public final class HTTPClient: Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     if let tls {
                         try channel.pipeline.syncOperations.addHandler(
-                            try NIOSSLClientHandler(context: tls, serverHostname: host))
+                            try NIOSSLClientHandler(context: tls, serverHostname: host.isIPAddress ? nil : host))
                     }
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     try channel.pipeline.syncOperations.addHandler(ResponseCollector())
@@ -170,5 +174,12 @@ final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
         let promise = self.promise
         self.promise = nil
         promise?.fail(error)
+    }
+}
+
+extension String {
+    /// An IPv4 or IPv6 literal (which TLS SNI must not carry; the certificate is checked against the address).
+    package var isIPAddress: Bool {
+        contains(":") || (!isEmpty && allSatisfy { $0.isNumber || $0 == "." })
     }
 }

@@ -3,6 +3,7 @@ import HTTPTypes
 import Herald
 import HeraldAuth
 import HeraldBroker
+import HeraldClient
 import HeraldHTTP
 import HeraldWire
 import JWTKit
@@ -234,6 +235,29 @@ enum CredentialCase: String, CaseIterable {
             }
         }
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
+    }
+
+    /// A client whose credential is refused does not spin or wait forever: its requests fail with the reason.
+    @Test func aRefusedClientFailsItsRequestsWithTheReason() async throws {
+        let credentials = await Credentials()
+        let server = try await HTTPTestBroker(authenticator: try await Authenticator(credentials.configuration))
+        defer { Task { await server.stop() } }
+        let refused = BrokerTransport(
+            configuration: .init(
+                port: server.tcpPort, clientName: "wrong", credential: .bearer("wrong-token"),
+                unreachableTimeout: .milliseconds(500)))
+        do {
+            _ = try await refused.publish([CloudEvent(source: "/x", type: "t")], to: "orders")
+            Issue.record("a refused client cannot publish")
+        } catch let error as TransportError {
+            #expect(error.code == .unavailable)
+            #expect(error.message.contains("refused the handshake"), "\(error.message)")
+        }
+        await refused.shutdown()
+        let accepted = BrokerTransport(
+            configuration: .init(port: server.tcpPort, clientName: "ops", credential: .bearer("static-ops-token")))
+        #expect(try await accepted.publish([CloudEvent(source: "/x", type: "t")], to: "orders").count == 1)
+        await accepted.shutdown()
     }
 
     static func frames(_ bytes: [UInt8]) -> [Message] {
