@@ -28,7 +28,7 @@ public struct Problem: HTTPResponseError, Sendable {
         var body: [String: String] = ["type": type, "title": title, "status": String(status.code), "detail": detail]
         if let attribute { body["attribute"] = attribute }
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         var text = String(decoding: (try? encoder.encode(body)) ?? Data(), as: UTF8.self)
         // status is a number in RFC 9457
         text = text.replacingOccurrences(of: "\"status\":\"\(status.code)\"", with: "\"status\":\(status.code)")

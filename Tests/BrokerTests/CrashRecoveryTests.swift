@@ -28,7 +28,9 @@ final class BrokerProcess: @unchecked Sendable {
     func start() throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: BrokerProcess.executable)
-        process.arguments = ["serve", "--data-dir", directory, "--tcp", "127.0.0.1:\(port)", "--log-level", "error"]
+        process.arguments = [
+            "serve", "--data-dir", directory, "--tcp", "127.0.0.1:\(port)", "--http", "off", "--log-level", "error",
+        ]
         try process.run()
         self.process = process
     }
