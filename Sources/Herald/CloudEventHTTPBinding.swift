@@ -6,6 +6,9 @@
 /// ASCII (U+0021–U+007E) of the UTF-8 form become `%XX`; decoding reverses that and refuses invalid escapes or
 /// invalid UTF-8.
 public enum CloudEventHTTPBinding {
+    /// `name=integer,name=boolean` for extensions that are not strings.
+    public static let typesHeader = "herald-attribute-types"
+
     /// Header names are lowercase.
     public static func encodeBinary(_ event: CloudEvent) throws(CloudEventError) -> (
         headers: [(name: String, value: String)], body: [UInt8]
@@ -18,9 +21,18 @@ public enum CloudEventHTTPBinding {
         if let time = event.time { headers.append(("ce-time", RFC3339.format(time))) }
         if let subject = event.subject { headers.append(("ce-subject", percentEncode(subject))) }
         if let schema = event.dataschema { headers.append(("ce-dataschema", percentEncode(schema))) }
+        var types: [String] = []
         for (name, value) in event.allExtensions {
             headers.append(("ce-" + name, percentEncode(value.description)))
+            switch value {
+            case .string: break
+            case .integer: types.append(name + "=integer")
+            case .boolean: types.append(name + "=boolean")
+            }
         }
+        // Binary mode carries every value as a string; this Herald header keeps integer and boolean extensions
+        // typed between Herald peers (other receivers ignore it).
+        if !types.isEmpty { headers.append((typesHeader, types.joined(separator: ","))) }
         let body = try event.data.encoded() ?? []
         if let type = event.datacontenttype {
             headers.append(("content-type", type))
@@ -37,10 +49,18 @@ public enum CloudEventHTTPBinding {
     {
         var attributes: [String: String] = [:]
         var contentType: String?
+        var types: [String: String] = [:]
         for (name, value) in headers {
             let lower = name.lowercased()
             if lower == "content-type" {
                 contentType = value
+                continue
+            }
+            if lower == typesHeader {
+                for entry in value.split(separator: ",") {
+                    let parts = entry.split(separator: "=", maxSplits: 1)
+                    if parts.count == 2 { types[String(parts[0])] = String(parts[1]) }
+                }
                 continue
             }
             guard lower.hasPrefix("ce-") else { continue }
@@ -86,7 +106,20 @@ public enum CloudEventHTTPBinding {
                 throw CloudEventError(
                     .invalidAttributeValue, attribute: name, "ce-\(name) is not allowed; use Content-Type and the body")
             }
-            try event.setExtension(name, .string(value))
+            switch types[name] {
+            case "integer":
+                guard let number = Int32(value) else {
+                    throw CloudEventError(.invalidAttributeValue, attribute: name, "ce-\(name) is not an integer")
+                }
+                try event.setExtension(name, .integer(number))
+            case "boolean":
+                guard value == "true" || value == "false" else {
+                    throw CloudEventError(.invalidAttributeValue, attribute: name, "ce-\(name) is not a boolean")
+                }
+                try event.setExtension(name, .boolean(value == "true"))
+            default:
+                try event.setExtension(name, .string(value))
+            }
         }
         try event.validate()
         return event

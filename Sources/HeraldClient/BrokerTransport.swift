@@ -125,7 +125,7 @@ public final class BrokerTransport: EventTransport {
     }
 
     public var capabilities: TransportCapabilities {
-        [.orderingPerKey, .deduplication, .delayedRedelivery, .deadLetters, .durable]
+        [.orderingPerKey, .deduplication, .delayedRedelivery, .deadLetters, .durable, .competingConsumers]
     }
 
     // MARK: Publishing

@@ -6,15 +6,16 @@ import Logging
 import Synchronization
 
 /// Serves push groups: for each group with a `push.url`, a member that POSTs every delivery to the URL in
-/// CloudEvents binary mode. A 2xx response acks; any other status, a timeout or a refused connection nacks with
-/// the group's backoff, so the broker redelivers and, after `maxDeliver` attempts, dead-letters it.
+/// CloudEvents binary mode. A 2xx response acks; a response with `herald-settlement: terminate` dead-letters it at
+/// once; any other status, a timeout or a refused connection nacks with the group's backoff, so the broker
+/// redelivers and, after `maxDeliver` attempts, dead-letters it.
 final class PushDispatcher: Sendable {
     let broker: Broker
     let client: HTTPClient
     let metrics: BrokerMetrics
     let logger: Logger
-    /// Concurrent POSTs per push group.
-    let concurrency = 8
+    /// Concurrent POSTs per push group (ordered groups still keep one per key in flight).
+    let concurrency = 32
     private let running = Mutex<[String: Pusher]>([:])
 
     init(broker: Broker, client: HTTPClient, metrics: BrokerMetrics, logger: Logger) {
@@ -116,8 +117,14 @@ final class PushDispatcher: Sendable {
             if (200..<300).contains(response.status) {
                 metrics.delivered(event, topic: group.topic)
                 settlement = .ack
+            } else if response.header("herald-settlement") == "terminate" {
+                // The receiver says retrying cannot help (see HTTPTransport): dead-letter it now.
+                let reason = String(decoding: response.body.prefix(1000), as: UTF8.self)
+                settlement = .terminate(reason: "the push endpoint refused it: \(reason)")
             } else {
-                settlement = .nack(delayMilliseconds: backoff(group, attempt: delivery.attempt))
+                // A Herald receiver may ask for its own redelivery delay (a nack with a delay).
+                let delay = response.header("herald-retry-after-ms").flatMap { UInt32($0) }
+                settlement = .nack(delayMilliseconds: delay ?? backoff(group, attempt: delivery.attempt))
                 logger.debug("push refused", metadata: ["url": "\(group.url)", "status": "\(response.status)"])
             }
         } catch {

@@ -53,6 +53,9 @@ public struct TransportCapabilities: OptionSet, Sendable, Hashable {
     public static let deadLetters = TransportCapabilities(rawValue: 1 << 3)
     /// Acknowledged events survive a restart of the transport's server.
     public static let durable = TransportCapabilities(rawValue: 1 << 4)
+    /// Several subscribers of one group share its deliveries (competing consumers). A push group, which has one
+    /// endpoint, does not: scale it behind a load balancer.
+    public static let competingConsumers = TransportCapabilities(rawValue: 1 << 5)
 }
 
 /// Where a published event landed.

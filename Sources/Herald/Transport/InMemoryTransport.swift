@@ -94,7 +94,7 @@ public final class InMemoryTransport: EventTransport {
     }
 
     public var capabilities: TransportCapabilities {
-        [.orderingPerKey, .deduplication, .delayedRedelivery, .deadLetters]
+        [.orderingPerKey, .deduplication, .delayedRedelivery, .deadLetters, .competingConsumers]
     }
 
     // MARK: Publishing
