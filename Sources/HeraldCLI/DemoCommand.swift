@@ -18,7 +18,8 @@ struct DemoCommand: AsyncParsableCommand {
     @Option(help: "Percentage of orders whose payment fails.") var failPercent = 10
     @Option(
         help: """
-            broker (default: an embedded broker and each service in its own process), memory (one bus per service             over the in-memory transport, in this process) or local (one bus).
+            broker (default: an embedded broker and each service in its own process), http (the same, but the four \
+            services are plain HTTP services: push groups in, the HTTP API out), memory (one bus per service             over the in-memory transport, in this process) or local (one bus).
             """)
     var transport: String = "broker"
     @Flag(help: "Run every service in this process (the same as --transport memory).") var inProcess = false
@@ -28,16 +29,16 @@ struct DemoCommand: AsyncParsableCommand {
     @Option(help: "Seconds to wait for every order to finish.") var timeout = 120
 
     func validate() throws {
-        guard transport == "broker" || OrderDemo.Topology(rawValue: transport) != nil else {
-            throw ValidationError("--transport must be one of: broker, memory, local")
+        guard ["broker", "http"].contains(transport) || OrderDemo.Topology(rawValue: transport) != nil else {
+            throw ValidationError("--transport must be one of: broker, http, memory, local")
         }
         // Orders keeps its sagas and notifications its sent-set in memory until the PostgreSQL store (issue 5):
         // killing those would lose state by design, so chaos takes the stateless services.
         if let chaos, ![PaymentsService.name, ShippingService.name].contains(chaos) {
             throw ValidationError("--chaos takes payments or shipping (the services that keep no state in memory)")
         }
-        if chaos != nil, inProcess || transport != "broker" {
-            throw ValidationError("--chaos needs the services as processes (--transport broker)")
+        if chaos != nil, inProcess || !["broker", "http"].contains(transport) {
+            throw ValidationError("--chaos needs the services as processes (--transport broker or http)")
         }
         guard orders > 0 else { throw ValidationError("--orders must be positive") }
         guard (0...100).contains(failPercent) else { throw ValidationError("--fail-percent must be 0...100") }
@@ -51,8 +52,10 @@ struct DemoCommand: AsyncParsableCommand {
             timeout: .seconds(timeout))
         print("Herald order demo: \(orders) orders, seed \(seed), \(failPercent)% payment failures, transport \(mode)")
         let report =
-            mode == "broker"
-            ? try await ProcessDemo.run(options, chaos: chaos.map(ProcessDemo.Chaos.init)) { print($0) }
+            mode == "broker" || mode == "http"
+            ? try await ProcessDemo.run(options, chaos: chaos.map(ProcessDemo.Chaos.init), overHTTP: mode == "http") {
+                print($0)
+            }
             : try await OrderDemo.run(options)
         print("")
         for (orderID, status, entries) in report.timelines {

@@ -2,6 +2,7 @@ import Foundation
 import Herald
 import HeraldBroker
 import HeraldClient
+import HeraldHTTP
 import Logging
 import OrderSystem
 import Synchronization
@@ -39,9 +40,11 @@ enum ProcessDemo {
         var notifiedCount: Int { state.withLock { $0.notified.count } }
     }
 
-    static func run(_ options: OrderDemo.Options, chaos: Chaos?, log: @escaping @Sendable (String) -> Void) async throws
-        -> OrderDemo.Report
-    {
+    /// - Parameter overHTTP: the services use only the HTTP API (push groups in, batch publish out); the
+    ///   storefront and auditor stay on TCP.
+    static func run(
+        _ options: OrderDemo.Options, chaos: Chaos?, overHTTP: Bool = false, log: @escaping @Sendable (String) -> Void
+    ) async throws -> OrderDemo.Report {
         let directory = NSTemporaryDirectory() + "herald-demo-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: directory) }
         var logger = Logger(label: "herald.demo")
@@ -54,15 +57,21 @@ enum ProcessDemo {
         let port = try await server.start()
         let ticker = Task { try? await broker.run() }
         log("embedded broker on 127.0.0.1:\(port), data in \(directory)/data")
+        let http = HTTPServer(broker: broker, port: 0, logger: logger)
+        let httpTask = Task { if overHTTP { try? await http.run() } }
+        let serviceEndpoint =
+            overHTTP ? ["--http", "http://127.0.0.1:\(await http.boundPort())"] : ["--broker", "127.0.0.1:\(port)"]
+        if overHTTP { log("HTTP API on 127.0.0.1:\(await http.boundPort()); the services are plain HTTP services") }
+        defer { httpTask.cancel() }
 
         let executable = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
         func spawn(_ name: String) throws -> Process {
             let process = Process()
             process.executableURL = URL(fileURLWithPath: executable)
-            process.arguments = [
-                "service", name, "--broker", "127.0.0.1:\(port)", "--seed", "\(options.seed)", "--fail-percent",
-                "\(options.failurePercent)",
-            ]
+            process.arguments =
+                ["service", name] + serviceEndpoint + [
+                    "--seed", "\(options.seed)", "--fail-percent", "\(options.failurePercent)",
+                ]
             let output = directory + "/\(name).log"
             _ = FileManager.default.createFile(atPath: output, contents: nil)
             let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: output))

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Herald
 import HeraldClient
+import HeraldHTTP
 import Logging
 import OrderSystem
 import ServiceLifecycle
@@ -14,6 +15,8 @@ struct ServiceCommand: AsyncParsableCommand {
 
     @Argument(help: "orders, payments, shipping or notifications.") var name: String
     @OptionGroup var connection: BrokerOptions
+    @Option(help: "Use only the broker's HTTP API at this URL (push group in, HTTP publish out) instead of TCP.")
+    var http: String?
     @Option(help: "Topic the order system uses.") var topic = "orders"
     @Option(help: "Seed that decides which payments fail (payments).") var seed: UInt64 = 42
     @Option(help: "Percentage of payments that fail (payments).") var failPercent = 10
@@ -25,7 +28,9 @@ struct ServiceCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let transport = try connection.connect(as: name)
+        let transport: any EventTransport =
+            try http.map { HTTPTransport(configuration: .init(broker: $0, token: connection.token)) }
+            ?? connection.connect(as: name)
         let bus = OrderDemo.makeServiceBus(name, transport: transport, topic: topic)
         let service = OrderServices.start(
             name, on: bus, gateway: PaymentGateway(seed: seed, failurePercent: failPercent))
