@@ -164,7 +164,7 @@ let package = Package(
             name: "HTTPTests",
             dependencies: [
                 "Herald", "HeraldTesting", "HeraldWire", "HeraldBroker", "HeraldClient", "HeraldHTTP", "HeraldAuth",
-                "HeraldEncryption",
+                "HeraldEncryption", "OrderSystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Crypto", package: "swift-crypto"),

@@ -21,6 +21,13 @@ public enum CloudEventJSON {
 
     // MARK: Encoding
 
+    /// A JSON string literal for `value` (quotes and escapes included).
+    public static func quoted(_ value: String) -> [UInt8] {
+        var writer = JSONWriter(capacity: value.utf8.count + 2)
+        writer.string(value)
+        return writer.bytes
+    }
+
     /// The structured-mode JSON text of one event.
     public static func encode(_ event: CloudEvent) throws(CloudEventError) -> [UInt8] {
         var writer = JSONWriter()

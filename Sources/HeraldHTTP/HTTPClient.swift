@@ -56,6 +56,7 @@ public final class HTTPClient: Sendable {
         head.headers.add(name: "host", value: components.port.map { "\(host):\($0)" } ?? host)
         head.headers.add(name: "content-length", value: String(body.count))
         for (name, value) in headers { head.headers.add(name: name, value: value) }
+        let request = head
         let channel = try await connection(key: key, host: host, port: port, tls: scheme == "https")
         let collector = try await channel.pipeline.handler(type: ResponseCollector.self).get()
         let promise = channel.eventLoop.makePromise(of: Response.self)
@@ -65,7 +66,7 @@ public final class HTTPClient: Sendable {
         }
         channel.eventLoop.execute {
             collector.start(promise)
-            channel.write(HTTPClientRequestPart.head(head), promise: nil)
+            channel.write(HTTPClientRequestPart.head(request), promise: nil)
             if !body.isEmpty {
                 channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
             }

@@ -21,8 +21,8 @@ public final class OrdersService: Sendable {
         sagas.start(service: OrdersService.name)
         let dedup = Deduplicate()
         bus.subscribe(PlaceOrder.self, name: "orders.place", service: OrdersService.name, middleware: [dedup]) {
-            [self] command, _ in
-            try await self.place(command.order)
+            [self] command, context in
+            try await self.place(command.order, from: context)
         }
         bus.subscribe(OrderCompleted.self, name: "orders.completed", service: OrdersService.name, middleware: [dedup]) {
             [self] event, _ in
@@ -40,12 +40,17 @@ public final class OrdersService: Sendable {
     }
 
     /// Places an order: reserves stock and publishes `OrderCreated`, which starts the order's conversation.
-    public func place(_ order: OrderCreated) async throws {
+    /// - Parameter context: the command being handled, when there is one: `OrderCreated` then continues its trace.
+    public func place(_ order: OrderCreated, from context: EventContext? = nil) async throws {
         book.withLock { book in
             book.status[order.orderID] = .pending
             book.reservedStock += 1
         }
-        try await bus.publish(order, EventAttributes(correlationID: order.orderID))
+        if let context {
+            try await bus.publish(context.response(order, EventAttributes(correlationID: order.orderID)))
+        } else {
+            try await bus.publish(order, EventAttributes(correlationID: order.orderID))
+        }
     }
 
     public func status(of orderID: String) -> OrderStatus? { book.withLock { $0.status[orderID] } }

@@ -1,5 +1,7 @@
 import Foundation
+import Instrumentation
 import Logging
+import ServiceContextModule
 import ServiceLifecycle
 import Synchronization
 
@@ -40,7 +42,16 @@ public struct SagaContext: Sendable {
         var attributes = attributes
         attributes.correlationID = correlationID
         attributes.causationID = attributes.causationID ?? trigger?.id.description
-        try await bus.publish(CloudEvent(event, source: source, attributes: attributes))
+        var envelope = CloudEvent(event, source: source, attributes: attributes)
+        // The trace goes on, as for a handler's response (EventContext.response).
+        if let current = ServiceContext.current {
+            InstrumentationSystem.instrument.inject(current, into: &envelope, using: CloudEventTraceInjector())
+        }
+        if envelope.traceparent == nil, let parent = trigger?.traceparent {
+            envelope.traceparent = parent
+            envelope.tracestate = trigger?.tracestate
+        }
+        try await bus.publish(envelope)
     }
 }
 
