@@ -276,6 +276,12 @@ final class PushSettler: DeliverySettler {
         self.deadline = deadline
     }
 
+    /// A delivery dropped unsettled (its consumer went away) answers its POST with a nack, so the broker
+    /// redelivers it at once instead of waiting for the push timeout.
+    deinit {
+        continuation.withLock { $0 }?.resume(returning: .nack(.zero))
+    }
+
     func settle(_ delivery: Delivery, _ settlement: Settlement) async throws {
         guard
             let continuation = continuation.withLock({ state in

@@ -55,7 +55,7 @@ enum CredentialCase: String, CaseIterable {
     case none, malformed, badSignature, expired, notYetValid, notPermitted, permitted
 }
 
-@Suite("Authorization matrix") struct AuthorizationMatrixTests {
+@Suite("Authorization matrix", .timeLimit(.minutes(2))) struct AuthorizationMatrixTests {
     /// The header for a case: `permitted` holds exactly the route's permission (by pattern); `notPermitted`
     /// every other permission and the route's action on other topics only.
     static func header(

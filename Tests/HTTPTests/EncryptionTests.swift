@@ -7,7 +7,7 @@ import HeraldEncryption
 import HeraldWire
 import Testing
 
-@Suite("Payload encryption") struct EncryptionTests {
+@Suite("Payload encryption", .timeLimit(.minutes(2))) struct EncryptionTests {
     static func key() -> [UInt8] { (0..<32).map { _ in UInt8.random(in: 0...255) } }
 
     static func files(under directory: String) -> [String] {

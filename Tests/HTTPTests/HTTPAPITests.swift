@@ -4,7 +4,7 @@ import HeraldBroker
 import HeraldHTTP
 import Testing
 
-@Suite("HTTP API") struct HTTPAPITests {
+@Suite("HTTP API", .timeLimit(.minutes(2))) struct HTTPAPITests {
     @Test func topicsAreCreatedDescribedListedAndDeleted() async throws {
         let server = try await HTTPTestBroker()
         defer { Task { await server.stop() } }

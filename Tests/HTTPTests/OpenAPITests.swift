@@ -3,7 +3,7 @@ import HTTPTypes
 import HeraldHTTP
 import Testing
 
-@Suite("OpenAPI document") struct OpenAPITests {
+@Suite("OpenAPI document", .timeLimit(.minutes(2))) struct OpenAPITests {
     /// (method, path) pairs under `paths:` in docs/openapi.yaml: a path is a 2-space-indented key starting with
     /// `/`, its operations 4-space-indented HTTP methods.
     static func documented() throws -> Set<String> {

@@ -9,7 +9,7 @@ import Testing
 
 /// The order system with its four services as plain HTTP services (push groups in, the HTTP API out): orders
 /// complete, and the W3C trace context placed on the order reaches the customer notification through all four.
-@Suite("Order system over HTTP") struct OrderSystemOverHTTPTests {
+@Suite("Order system over HTTP", .timeLimit(.minutes(2))) struct OrderSystemOverHTTPTests {
     @Test func ordersCompleteAndOneTraceFollowsEachOrder() async throws {
         let server = try await HTTPTestBroker()
         defer { Task { await server.stop() } }

@@ -45,7 +45,7 @@ final class PushReceiver: Sendable {
     func stop() { task.cancel() }
 }
 
-@Suite("Push groups") struct PushTests {
+@Suite("Push groups", .timeLimit(.minutes(2))) struct PushTests {
     @Test func pushesInBinaryModeRedeliverOnFailureAndDeadLetterAtTheLimit() async throws {
         let server = try await HTTPTestBroker()
         let receiver = await PushReceiver { id, attempt in

@@ -47,7 +47,7 @@ enum TestCertificates {
     }
 }
 
-@Suite("TLS") struct TLSTests {
+@Suite("TLS", .timeLimit(.minutes(2))) struct TLSTests {
     @Test func tcpAndHTTPServeOverTLSAndRefuseUntrustedPeers() async throws {
         let server = try await HTTPTestBroker(
             tls: try TestCertificates.server(), clientTLS: try TestCertificates.client())
