@@ -194,11 +194,10 @@ public final class HTTPTransport: EventTransport {
             }
             let deadline = ContinuousClock.now + (self.ackWaits.withLock { $0[path] } ?? .seconds(30))
             let settlement: Settlement = await withCheckedContinuation { continuation in
-                let delivery = Delivery(
-                    event: event, attempt: attempt, partition: 0, offset: 0,
-                    settler: PushSettler(
-                        continuation: continuation, attempt: attempt, latest: current, deadline: deadline))
-                if !buffer.push(CollectionOfOne(delivery)) { continuation.resume(returning: .nack(.zero)) }
+                let settler = PushSettler(
+                    continuation: continuation, attempt: attempt, latest: current, deadline: deadline)
+                let delivery = Delivery(event: event, attempt: attempt, partition: 0, offset: 0, settler: settler)
+                if !buffer.push(CollectionOfOne(delivery)) { settler.answer(.nack(.zero)) }
             }
             switch settlement {
             case .ack: return Response(status: .noContent)
@@ -279,7 +278,18 @@ final class PushSettler: DeliverySettler {
     /// A delivery dropped unsettled (its consumer went away) answers its POST with a nack, so the broker
     /// redelivers it at once instead of waiting for the push timeout.
     deinit {
-        continuation.withLock { $0 }?.resume(returning: .nack(.zero))
+        answer(.nack(.zero))
+    }
+
+    /// Answers the POST once; false when it was already answered.
+    @discardableResult
+    func answer(_ settlement: Settlement) -> Bool {
+        let taken = continuation.withLock { state in
+            defer { state = nil }
+            return state
+        }
+        taken?.resume(returning: settlement)
+        return taken != nil
     }
 
     func settle(_ delivery: Delivery, _ settlement: Settlement) async throws {
