@@ -415,10 +415,8 @@ public final class BrokerTransport: EventTransport {
                         channel.eventLoop.makeCompletedFuture {
                             if let tls {
                                 try channel.pipeline.syncOperations.addHandler(
-                                    try NIOSSLClientHandler(
-                                        context: tls,
-                                        serverHostname: host.contains(":")
-                                            || host.allSatisfy({ $0.isNumber || $0 == "." }) ? nil : host))
+                                    try NIOSSLClientHandler(context: tls, serverHostname: host.isIPAddress ? nil : host)
+                                )
                             }
                             try channel.pipeline.syncOperations.addHandler(
                                 ByteToMessageHandler(FrameDecoderHandler(maxFrameSize: 64 << 20)))

@@ -1,5 +1,6 @@
 import Foundation
 import Herald
+import HeraldWire
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -175,12 +176,5 @@ final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
         let promise = self.promise
         self.promise = nil
         promise?.fail(error)
-    }
-}
-
-extension String {
-    /// An IPv4 or IPv6 literal (which TLS SNI must not carry; the certificate is checked against the address).
-    package var isIPAddress: Bool {
-        contains(":") || (!isEmpty && allSatisfy { $0.isNumber || $0 == "." })
     }
 }

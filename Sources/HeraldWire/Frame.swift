@@ -158,3 +158,10 @@ public struct WireError: Error, Hashable, Sendable, CustomStringConvertible {
     /// Whether retrying the same request later can succeed.
     public var isRetryable: Bool { code == .unavailable }
 }
+
+extension String {
+    /// An IPv4 or IPv6 literal (which TLS SNI must not carry; the certificate is checked against the address).
+    package var isIPAddress: Bool {
+        contains(":") || (!isEmpty && allSatisfy { $0.isNumber || $0 == "." })
+    }
+}
