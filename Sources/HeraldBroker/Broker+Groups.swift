@@ -26,6 +26,14 @@ public struct GroupSettings: Sendable, Hashable {
         self.pushURL = pushURL
     }
 
+    /// A subscription to `group` with these settings (they apply only if the subscribe creates the group).
+    public func subscribeRequest(topic: String, group: String, maxInFlight: UInt32) -> SubscribeRequest {
+        SubscribeRequest(
+            topic: topic, group: group, start: start, ackWaitMilliseconds: ackWaitMilliseconds,
+            maxDeliveries: maxDeliveries, backoffMilliseconds: backoffMilliseconds, ordered: ordered,
+            maxInFlight: maxInFlight)
+    }
+
     var options: GroupOptions {
         GroupOptions(
             ackWaitMilliseconds: max(1, ackWaitMilliseconds), maxDeliveries: maxDeliveries,
@@ -62,10 +70,7 @@ extension Broker {
                 state.journalDirty = true
                 return (groupInfo(topicState, existing), false)
             }
-            let request = SubscribeRequest(
-                topic: topic, group: group, start: settings.start, ackWaitMilliseconds: settings.ackWaitMilliseconds,
-                maxDeliveries: settings.maxDeliveries, backoffMilliseconds: settings.backoffMilliseconds,
-                ordered: settings.ordered, maxInFlight: 1)
+            let request = settings.subscribeRequest(topic: topic, group: group, maxInFlight: 1)
             let created = try groupLocked(topicState, request, state: &state, pushURL: settings.pushURL)
             return (groupInfo(topicState, created), true)
         }

@@ -121,13 +121,8 @@ final class Pullers: Sendable {
             return existing
         }
         let member = BufferedMember(bound: Int.max)
-        let settings = GroupSettings()
         let id = try broker.subscribe(
-            SubscribeRequest(
-                topic: topic, group: group, start: settings.start, ackWaitMilliseconds: settings.ackWaitMilliseconds,
-                maxDeliveries: settings.maxDeliveries, backoffMilliseconds: settings.backoffMilliseconds,
-                ordered: settings.ordered, maxInFlight: 1),
-            member: member)
+            GroupSettings().subscribeRequest(topic: topic, group: group, maxInFlight: 1), member: member)
         broker.grant(member: id, credit: 0)
         let replaced = members.withLock { members in
             defer { members[key] = (member, id) }
@@ -240,13 +235,8 @@ extension HTTPServer {
             Swift.max(1, request.uri.queryParameters.get("max").flatMap { Int($0) } ?? limits.maxStreamInFlight),
             limits.maxStreamInFlight)
         let member = BufferedMember(bound: window)
-        let settings = GroupSettings()
         let id = try broker.subscribe(
-            SubscribeRequest(
-                topic: topic, group: group, start: settings.start, ackWaitMilliseconds: settings.ackWaitMilliseconds,
-                maxDeliveries: settings.maxDeliveries, backoffMilliseconds: settings.backoffMilliseconds,
-                ordered: settings.ordered, maxInFlight: UInt32(window)),
-            member: member)
+            GroupSettings().subscribeRequest(topic: topic, group: group, maxInFlight: UInt32(window)), member: member)
         let broker = self.broker
         let metrics = self.metrics
         let body = ResponseBody { writer in

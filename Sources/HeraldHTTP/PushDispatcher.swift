@@ -72,13 +72,9 @@ final class PushDispatcher: Sendable {
             self.group = group
             let concurrency = dispatcher.concurrency
             member = BufferedMember(bound: concurrency)
-            let settings = GroupSettings()
             memberID = try dispatcher.broker.subscribe(
-                SubscribeRequest(
-                    topic: group.topic, group: group.group, start: settings.start,
-                    ackWaitMilliseconds: settings.ackWaitMilliseconds, maxDeliveries: settings.maxDeliveries,
-                    backoffMilliseconds: settings.backoffMilliseconds, ordered: settings.ordered,
-                    maxInFlight: UInt32(concurrency)),
+                GroupSettings().subscribeRequest(
+                    topic: group.topic, group: group.group, maxInFlight: UInt32(concurrency)),
                 member: member)
             workers = Mutex([])
             let member = self.member
