@@ -157,7 +157,7 @@ let package = Package(
             name: "BrokerTests",
             dependencies: [
                 "Herald", "HeraldTesting", "HeraldLog", "HeraldWire", "HeraldBroker", "HeraldClient",
-                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         .testTarget(

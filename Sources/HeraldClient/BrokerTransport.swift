@@ -441,6 +441,11 @@ public final class BrokerTransport: EventTransport {
                     return
                 }
                 send(hello, requestID: 0, on: channel)
+                // The peer may have closed the channel before it was registered above (a broker refusing TLS or
+                // a credential can be faster than this task resumes): its `channelInactive` found no connection
+                // of this generation and did nothing, so the loss is handled here. If the close comes later,
+                // `channelInactive` handles it and this call finds nothing to do.
+                if !channel.isActive { connectionLost(generation: generation) }
                 return
             } catch {
                 logger.debug("cannot reach the broker; retrying", metadata: ["error": "\(error)", "delay": "\(delay)"])

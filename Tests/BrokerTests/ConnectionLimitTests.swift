@@ -2,8 +2,10 @@ import Foundation
 import Herald
 import HeraldBroker
 import HeraldClient
+import HeraldTesting
 import HeraldWire
 import NIOCore
+import NIOPosix
 import Testing
 
 #if canImport(Glibc)
@@ -174,6 +176,50 @@ struct ClientBatchTests {
         let huge = CloudEvent(source: "big", type: "com.example.big", data: .bytes(Array(repeating: 1, count: 9 << 20)))
         await #expect(throws: TransportError.self) { _ = try await transport.publish([huge], to: "big") }
         #expect(broker.broker.topic("big")!.endOffsets.reduce(0, +) == 6000)
+    }
+}
+
+@Suite("A broker that closes every connection")
+struct ClosingBrokerTests {
+    /// Closes each connection as soon as it is accepted (as a broker refusing TLS or a credential does, fast).
+    final class CloseAtOnce: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        func channelActive(context: ChannelHandlerContext) { context.close(promise: nil) }
+    }
+
+    /// The close can win the race with the client's connect completing; requests then waited forever (seen as a
+    /// stalled TLS test). Many clients and many attempts each make that interleaving all but certain.
+    @Test func requestsFailAfterTheUnreachableTimeoutHoweverTheCloseRaces() async throws {
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(CloseAtOnce()) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { server.close(promise: nil) }
+        let port = try #require(server.localAddress?.port)
+        try await withDeadline(.seconds(60), name: "every request fails") {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for client in 0..<16 {
+                    group.addTask {
+                        let transport = BrokerTransport(
+                            configuration: .init(
+                                port: port, clientName: "c\(client)",
+                                reconnectDelay: (.milliseconds(1), .milliseconds(5)),
+                                unreachableTimeout: .milliseconds(300)))
+                        for _ in 0..<3 {
+                            do {
+                                _ = try await transport.publish([sampleEvent(client)], to: "closing")
+                                Issue.record("a broker that closes every connection acknowledged a publish")
+                            } catch let error as TransportError {
+                                #expect(error.code == .unavailable)
+                            }
+                        }
+                        await transport.shutdown()
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
     }
 }
 

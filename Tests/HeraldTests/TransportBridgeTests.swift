@@ -4,8 +4,10 @@ import Testing
 @Suite("A bus linked to a transport")
 struct TransportBridgeTests {
     func link(_ transport: InMemoryTransport, _ service: String, maxDeliveries: Int = 5) -> EventBus {
+        // Failed handlers nack (redelivery after the 10 ms backoff); the ack wait is long so a loaded machine
+        // never adds a redelivery of its own to the counts these tests check.
         let options = SubscribeOptions(
-            ackWait: .milliseconds(500), maxDeliveries: maxDeliveries, backoff: [.milliseconds(10)])
+            ackWait: .seconds(30), maxDeliveries: maxDeliveries, backoff: [.milliseconds(10)])
         return EventBus(
             configuration: .init(
                 source: service, strategy: .fifo(workers: 2),
