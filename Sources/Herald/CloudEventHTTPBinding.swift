@@ -44,7 +44,7 @@ public enum CloudEventHTTPBinding {
 
     /// Builds an event from binary-mode headers (any case) and the body. `ce-specversion`, `ce-id`, `ce-source`
     /// and `ce-type` are required; other `ce-` headers become attributes or extensions.
-    public static func decodeBinary(headers: some Sequence<(name: String, value: String)>, body: [UInt8])
+    public static func decodeBinary(headers: [(name: String, value: String)], body: [UInt8])
         throws(CloudEventError) -> CloudEvent
     {
         var attributes: [String: String] = [:]

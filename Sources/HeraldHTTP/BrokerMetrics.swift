@@ -17,6 +17,8 @@ public final class BrokerMetrics: Sendable {
     let publishLatency: DurationHistogram
     let endToEndLatency: DurationHistogram
     let httpConnections: ConnectionGauge
+    /// Per-topic publish counters, made once (asking the registry each time costs a lock and a lookup).
+    private let publishedCounters = Mutex<[String: Counter]>([:])
     private static let buckets: [Duration] = [
         .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5),
         .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250),
@@ -42,11 +44,18 @@ public final class BrokerMetrics: Sendable {
     }
 
     func published(_ count: Int, topic: String, latency: Duration) {
-        registry.makeCounter(
-            descriptor: MetricNameDescriptor(
-                metricName: "herald_http_published_events", unitName: "total", helpText: "Events published over HTTP"),
-            labels: [("topic", topic)]
-        ).increment(by: Int64(count))
+        let counter =
+            publishedCounters.withLock { $0[topic] }
+            ?? {
+                let made = registry.makeCounter(
+                    descriptor: MetricNameDescriptor(
+                        metricName: "herald_http_published_events", unitName: "total",
+                        helpText: "Events published over HTTP"),
+                    labels: [("topic", topic)])
+                publishedCounters.withLock { $0[topic] = made }
+                return made
+            }()
+        counter.increment(by: Int64(count))
         publishLatency.record(latency)
     }
 

@@ -24,7 +24,7 @@ extension HTTPServer {
         } else {
             events = [
                 try CloudEventHTTPBinding.decodeBinary(
-                    headers: request.headers.lazy.map { (name: $0.name.canonicalName, value: $0.value) }, body: bytes)
+                    headers: request.headers.map { (name: $0.name.canonicalName, value: $0.value) }, body: bytes)
             ]
         }
         var wire: [WireEvent] = []

@@ -2,6 +2,8 @@ import Foundation
 import Herald
 import HeraldBroker
 import HeraldHTTP
+import NIOCore
+import NIOPosix
 import Testing
 
 @Suite("HTTP API", .timeLimit(.minutes(2))) struct HTTPAPITests {
@@ -222,6 +224,39 @@ import Testing
         #expect(smuggle.hasPrefix("HTTP/1.1 400"), "\(smuggle)")
         let health = try await server.request("GET", "/healthz")
         #expect(health.status == 200, "the server still serves")
+    }
+
+    @Test func aRequestNotWholeWithinTheRequestTimeoutClosesItsConnection() async throws {
+        var limits = HTTPLimits()
+        limits.requestTimeout = .milliseconds(500)
+        let server = try await HTTPTestBroker(limits: limits)
+        defer { Task { await server.stop() } }
+        // A slowloris head: a byte every 50 ms keeps the connection busy but never finishes the request.
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: server.httpPort).get()
+        let head =
+            Array("POST /v1/topics/t/events HTTP/1.1\r\nhost: x\r\nx-slow: ".utf8)
+            + Array(repeating: UInt8(ascii: "a"), count: 400)
+        var sent = 0
+        while channel.isActive, sent < head.count {
+            try? await channel.writeAndFlush(ByteBuffer(bytes: head[sent..<(sent + 1)]))
+            sent += 1
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(!channel.isActive, "closed by the server while the head was still trickling in")
+        #expect(sent < head.count)
+        try? await channel.close()
+        // A stalled body: the head is whole, the body never comes. (The exchange ends when the peer closes, or
+        // after 20 s: far beyond the 0.5 s limit.)
+        let started = ContinuousClock.now
+        let stalled = try await rawExchange(
+            port: server.httpPort,
+            send: Array("POST /v1/topics/t/events HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc".utf8),
+            until: { _ in false }, timeout: .seconds(20))
+        #expect(stalled.isEmpty, "closed without an answer: \(stalled)")
+        #expect(ContinuousClock.now - started < .seconds(15), "closed by the server, not by the exchange's own limit")
+        // Whole requests are served as before.
+        #expect(try await server.request("GET", "/healthz").status == 200)
     }
 
     @Test func healthAndMetrics() async throws {
