@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "HeraldAuth", targets: ["HeraldAuth"]),
         .library(name: "HeraldEncryption", targets: ["HeraldEncryption"]),
         .library(name: "HeraldHTTP", targets: ["HeraldHTTP"]),
+        .library(name: "HeraldNATS", targets: ["HeraldNATS"]),
         .executable(name: "herald", targets: ["HeraldCLI"]),
     ],
     dependencies: [
@@ -158,6 +159,23 @@ let package = Package(
             dependencies: [
                 "Herald", "HeraldTesting", "HeraldLog", "HeraldWire", "HeraldBroker", "HeraldClient",
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        // NATS on SwiftNIO: the core protocol (a parser state machine), request/reply, reconnect; the JetStream
+        // API; `NATSTransport`.
+        .target(
+            name: "HeraldNATS",
+            dependencies: [
+                "Herald",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "NATSTests",
+            dependencies: [
+                "Herald", "HeraldTesting", "HeraldNATS", .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
         .testTarget(

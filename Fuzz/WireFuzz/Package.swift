@@ -1,5 +1,6 @@
 // swift-tools-version:6.1
-// The fuzz target of the TCP frame decoder and message parser. Built only by scripts/fuzz, with
+// The fuzz targets of the TCP frame decoder and message parser (WireFuzz) and of the NATS protocol parser
+// (NATSFuzz). Built only by scripts/fuzz, with
 // -sanitize=fuzzer,address (libFuzzer supplies `main`), so it lives outside the main package's build.
 import PackageDescription
 
@@ -13,6 +14,11 @@ let package = Package(
             name: "WireFuzz",
             dependencies: [.product(name: "HeraldWire", package: "herald")],
             swiftSettings: [.unsafeFlags(["-parse-as-library"])]
-        )
+        ),
+        .executableTarget(
+            name: "NATSFuzz",
+            dependencies: [.product(name: "HeraldNATS", package: "herald")],
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]
+        ),
     ]
 )
