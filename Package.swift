@@ -135,6 +135,7 @@ let package = Package(
                 "HeraldHTTP",
                 "HeraldAuth",
                 "HeraldEncryption",
+                "HeraldNATS",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),

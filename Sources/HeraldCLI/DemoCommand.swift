@@ -1,5 +1,6 @@
 import ArgumentParser
 import Herald
+import HeraldNATS
 import OrderSystem
 
 #if canImport(Glibc)
@@ -19,7 +20,9 @@ struct DemoCommand: AsyncParsableCommand {
     @Option(
         help: """
             broker (default: an embedded broker and each service in its own process), http (the same, but the four \
-            services are plain HTTP services: push groups in, the HTTP API out), memory (one bus per service             over the in-memory transport, in this process) or local (one bus).
+            services are plain HTTP services: push groups in, the HTTP API out), memory (one bus per service \
+            over the in-memory transport, in this process), local (one bus), or a NATS URL such as \
+            nats://127.0.0.1:4222 (one bus per service in this process, linked through NATS JetStream).
             """)
     var transport: String = "broker"
     @Flag(help: "Run every service in this process (the same as --transport memory).") var inProcess = false
@@ -29,8 +32,11 @@ struct DemoCommand: AsyncParsableCommand {
     @Option(help: "Seconds to wait for every order to finish.") var timeout = 120
 
     func validate() throws {
-        guard ["broker", "http"].contains(transport) || OrderDemo.Topology(rawValue: transport) != nil else {
-            throw ValidationError("--transport must be one of: broker, http, memory, local")
+        guard
+            ["broker", "http"].contains(transport) || OrderDemo.Topology(rawValue: transport) != nil
+                || (transport.hasPrefix("nats://") && NATSTransport.Configuration(url: transport) != nil)
+        else {
+            throw ValidationError("--transport must be one of: broker, http, memory, local, nats://HOST:PORT")
         }
         // Orders keeps its sagas and notifications its sent-set in memory until the PostgreSQL store (issue 5):
         // killing those would lose state by design, so chaos takes the stateless services.
@@ -56,7 +62,7 @@ struct DemoCommand: AsyncParsableCommand {
             ? try await ProcessDemo.run(options, chaos: chaos.map(ProcessDemo.Chaos.init), overHTTP: mode == "http") {
                 print($0)
             }
-            : try await OrderDemo.run(options)
+            : try await runInProcess(options, mode: mode)
         print("")
         for (orderID, status, entries) in report.timelines {
             print("\(orderID)  → \(status?.rawValue ?? "unknown")")
@@ -90,6 +96,22 @@ struct DemoCommand: AsyncParsableCommand {
                 "RESULT: FAIL — \(report.wrongOrders.count) orders in a wrong state: \(report.wrongOrders.prefix(10))")
             throw ExitCode(1)
         }
+    }
+}
+
+/// The services in this process: linked through the in-memory transport (or one bus), or through NATS.
+func runInProcess(_ options: OrderDemo.Options, mode: String) async throws -> OrderDemo.Report {
+    guard mode.hasPrefix("nats://"), let configuration = NATSTransport.Configuration(url: mode) else {
+        return try await OrderDemo.run(options)
+    }
+    let transport = NATSTransport(configuration: configuration)
+    do {
+        let report = try await OrderDemo.run(options, over: transport)
+        await transport.shutdown()
+        return report
+    } catch {
+        await transport.shutdown()
+        throw error
     }
 }
 

@@ -122,7 +122,9 @@ public enum OrderDemo {
         return EventBus(configuration: configuration)
     }
 
-    public static func run(_ options: Options) async throws -> Report {
+    /// Runs the demo. With `external`, the services' buses are linked through that transport (any
+    /// `EventTransport`: NATS, the broker…) on a topic of their own, `orders.<run id>`, instead of the in-memory one.
+    public static func run(_ options: Options, over external: (any EventTransport)? = nil) async throws -> Report {
         let gateway = PaymentGateway(seed: options.seed, failurePercent: options.failurePercent)
         let ids = (1...max(1, options.orders)).map(orderID)
         let traced = Set(ids.prefix(options.timelineOrders))
@@ -132,14 +134,16 @@ public enum OrderDemo {
         let notified = Locked(0)
 
         // The services, on one bus or on four linked through a transport.
-        let transport = InMemoryTransport()
+        let memory = InMemoryTransport()
+        let transport: any EventTransport = external ?? memory
+        let topic = external == nil ? "orders" : "orders.\(EventID().description.prefix(8))"
         func makeBus(_ service: String) -> EventBus {
-            guard options.topology == .memory else {
+            guard options.topology == .memory || external != nil else {
                 return EventBus(
                     configuration: EventBus.Configuration(
                         source: service, strategy: .partitioned(lanes: 4, parkFailingKeys: false)))
             }
-            return makeServiceBus(service, transport: transport)
+            return makeServiceBus(service, transport: transport, topic: topic)
         }
         let shared = makeBus("orders")
         let buses =
@@ -200,9 +204,9 @@ public enum OrderDemo {
         func settled() -> Bool {
             guard notified.withLock({ $0 }) >= ids.count else { return false }
             guard orders.statuses.values.allSatisfy({ $0 != .pending }) else { return false }
-            guard options.topology == .memory else { return true }
+            guard options.topology == .memory, external == nil else { return true }
             return ["orders", "payments", "shipping", "notifications", "audit"].allSatisfy { group in
-                guard let status = transport.groupStatus(topic: "orders", group: group) else { return true }
+                guard let status = memory.groupStatus(topic: "orders", group: group) else { return true }
                 return status.lag == 0 && status.pending == 0
             }
         }
@@ -212,7 +216,7 @@ public enum OrderDemo {
         let elapsed = clock.now - started
         for bus in buses { await bus.drain() }
         let redelivered = ["orders", "payments", "shipping", "notifications", "audit"].reduce(0) {
-            $0 + (transport.groupStatus(topic: "orders", group: $1)?.redelivered ?? 0)
+            $0 + (memory.groupStatus(topic: "orders", group: $1)?.redelivered ?? 0)
         }
         // The audit log may still be catching up with the last events.
         for bus in buses { await bus.shutdown() }

@@ -24,22 +24,29 @@ final class NATSServerProcess: @unchecked Sendable {
     }
 
     /// `syncAlways`: JetStream fsyncs every write before it acknowledges (`sync_interval: always`).
-    init(port: Int? = nil, syncAlways: Bool = true, extraConfig: String = "") throws {
+    /// `directory`: reuse a store (a restart); `keepsDirectory` leaves it for the next process.
+    let keepsDirectory: Bool
+
+    init(
+        port: Int? = nil, directory: String? = nil, keepsDirectory: Bool = false, syncAlways: Bool = true,
+        extraConfig: String = ""
+    ) throws {
         self.port = port ?? Self.freePort()
-        directory = NSTemporaryDirectory() + "herald-nats-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        self.keepsDirectory = keepsDirectory
+        self.directory = directory ?? NSTemporaryDirectory() + "herald-nats-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: self.directory, withIntermediateDirectories: true)
         let config = """
             listen: 127.0.0.1:\(self.port)
             server_name: herald-test-\(self.port)
             jetstream {
-              store_dir: "\(directory)/store"
+              store_dir: "\(self.directory)/store"
               \(syncAlways ? "sync_interval: always" : "")
             }
             \(extraConfig)
             """
-        try config.write(toFile: directory + "/nats.conf", atomically: true, encoding: .utf8)
+        try config.write(toFile: self.directory + "/nats.conf", atomically: true, encoding: .utf8)
         process.executableURL = URL(fileURLWithPath: Self.executable)
-        process.arguments = ["-c", directory + "/nats.conf"]
+        process.arguments = ["-c", self.directory + "/nats.conf"]
         process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         process.standardError = FileHandle(forWritingAtPath: "/dev/null")
     }
@@ -67,7 +74,7 @@ final class NATSServerProcess: @unchecked Sendable {
             Glibc.kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
         }
-        try? FileManager.default.removeItem(atPath: directory)
+        if !keepsDirectory { try? FileManager.default.removeItem(atPath: directory) }
     }
 
     static func accepts(_ port: Int) -> Bool {
