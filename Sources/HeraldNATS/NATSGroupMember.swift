@@ -11,6 +11,9 @@ final class NATSGroupMember: Sendable {
         var wanted = 0
         var received = 0
         var waiter: CheckedContinuation<Void, Never>?
+        /// The server refused the pull (409: too many waiting pulls, or the consumer's ack limit): wait a little
+        /// before the next one instead of asking again at once.
+        var refused = false
     }
 
     struct State {
@@ -62,12 +65,24 @@ final class NATSGroupMember: Sendable {
     /// How many more messages this member may take on.
     var credit: Int { max(0, options.maxInFlight - state.withLock { $0.unsettled.count }) }
 
+    /// Deliveries of consumer `index` this member holds unsettled.
+    func holding(_ index: Int) -> Int {
+        let prefix = consumers[index] + "."
+        return state.withLock { $0.unsettled.keys.filter { $0.hasPrefix(prefix) }.count }
+    }
+
     private func fetchLoop(_ index: Int) async {
         let batch = options.ordered ? 1 : 256
         while !Task.isCancelled, !state.withLock({ $0.left }) {
-            let want = min(batch, credit)
+            // Ordered: a partition's consumer lets one message out at a time; while this member holds it, a pull
+            // could only wait or be refused.
+            let want = options.ordered ? (holding(index) == 0 ? 1 : 0) : min(batch, credit)
+            if state.withLock({ $0.pulls[index].refused }) {
+                state.withLock { $0.pulls[index].refused = false }
+                try? await Task.sleep(for: .milliseconds(50))
+            }
             guard want > 0 else {
-                try? await Task.sleep(for: .milliseconds(10))
+                try? await Task.sleep(for: .milliseconds(options.ordered ? 2 : 10))
                 continue
             }
             state.withLock { $0.pulls[index] = Pull(wanted: want) }
@@ -114,6 +129,7 @@ final class NATSGroupMember: Sendable {
             guard let index = message.subject.split(separator: ".").last.flatMap({ Int($0) }),
                 consumers.indices.contains(index)
             else { return }
+            if status == 409 { state.withLock { $0.pulls[index].refused = true } }
             if status != 100 { endPull(index) }  // 100: idle heartbeat
             return
         }

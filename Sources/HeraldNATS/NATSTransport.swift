@@ -30,7 +30,7 @@ public final class NATSTransport: EventTransport {
 
         public init(
             servers: [NATSConnection.Server], token: String? = nil, user: String? = nil, password: String? = nil,
-            partitions: Int = 4, replicas: Int = 1, duplicateWindow: Duration = .seconds(120),
+            partitions: Int = 16, replicas: Int = 1, duplicateWindow: Duration = .seconds(120),
             clientName: String = "herald"
         ) {
             self.servers = servers
