@@ -17,6 +17,10 @@ public struct JetStream: Sendable {
         public let errorCode: Int
         public let message: String
         public var description: String { "JetStream error \(code)/\(errorCode): \(message)" }
+
+        /// Worth asking again shortly: the system is unavailable (503, e.g. no leader yet) or a new stream finds
+        /// no peers yet (10005: a cluster still forming, or a node just lost).
+        public var isTransient: Bool { code == 503 || errorCode == 10005 }
     }
 
     /// A request to the API; an `{"error": …}` answer throws `APIError`.

@@ -133,8 +133,8 @@ public final class NATSTransport: EventTransport {
         _ = streams.withLock { $0.insert(name) }
     }
 
-    /// Runs `body` again while the failure is a lost connection or a timeout (a cluster electing a leader, a
-    /// reconnect), for up to 30 s; other failures are thrown at once.
+    /// Runs `body` again while the failure is a lost connection, a timeout or a transient JetStream answer (a
+    /// cluster forming or electing a leader, a reconnect), for up to 30 s; other failures are thrown at once.
     func retrying<T: Sendable>(_ what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
         let deadline = ContinuousClock.now + .seconds(30)
         var delay = Duration.milliseconds(50)
@@ -143,7 +143,7 @@ public final class NATSTransport: EventTransport {
                 return try await body()
             } catch let error as NATSError where error.code != .closed && ContinuousClock.now < deadline {
                 logger.debug("retrying", metadata: ["what": "\(what)", "error": "\(error)"])
-            } catch let error as JetStream.APIError where error.code == 503 && ContinuousClock.now < deadline {
+            } catch let error as JetStream.APIError where error.isTransient && ContinuousClock.now < deadline {
                 logger.debug("retrying", metadata: ["what": "\(what)", "error": "\(error)"])
             } catch let error as NATSError {
                 throw TransportError(error.code == .closed ? .shutDown : .unavailable, "\(what): \(error)")
