@@ -170,6 +170,7 @@ let package = Package(
                 "Herald",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -177,6 +178,7 @@ let package = Package(
             name: "NATSTests",
             dependencies: [
                 "Herald", "HeraldTesting", "HeraldNATS", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         .testTarget(

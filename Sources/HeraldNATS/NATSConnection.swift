@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 
 /// Errors of the NATS client.
@@ -53,13 +54,17 @@ public final class NATSConnection: Sendable {
         public var reconnectDelay: (first: Duration, max: Duration)
         /// How long an operation waits for a lost connection to come back before it fails.
         public var reconnectWait: Duration
+        /// Upgrade to TLS after the server's INFO (as NATS does), verifying the server with these settings. A
+        /// server that requires TLS (`tls_required` in its INFO) without this is refused.
+        public var tls: TLSConfiguration?
 
         public init(
             servers: [Server], name: String = "herald", token: String? = nil, user: String? = nil,
             password: String? = nil,
             reconnectDelay: (first: Duration, max: Duration) = (.milliseconds(50), .seconds(2)),
-            reconnectWait: Duration = .seconds(30)
+            reconnectWait: Duration = .seconds(30), tls: TLSConfiguration? = nil
         ) {
+            self.tls = tls
             self.servers = servers
             self.name = name
             self.token = token
@@ -133,13 +138,19 @@ public final class NATSConnection: Sendable {
             return (configuration.servers[state.serverIndex % configuration.servers.count], state.generation)
         }
         let handshake = Handshake()
+        let tls = try configuration.tls.map { try NIOSSLContext(configuration: $0) }
         let channel = try await ClientBootstrap(group: group)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .connectTimeout(.seconds(5))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        NATSChannelHandler(connection: self, generation: generation, handshake: handshake))
+                        NATSChannelHandler(
+                            connection: self, generation: generation, handshake: handshake,
+                            tls: tls.map {
+                                (context: $0, serverName: server.host.isIPAddressLiteral ? nil : server.host)
+                            }
+                        ))
                 }
             }
             .connect(host: server.host, port: server.port).get()
@@ -175,7 +186,8 @@ public final class NATSConnection: Sendable {
     func connectJSON() -> String {
         var fields: [String: Any] = [
             "verbose": false, "pedantic": false, "headers": true, "no_responders": true, "protocol": 1,
-            "lang": "swift", "version": "1.0", "name": configuration.name, "tls_required": false,
+            "lang": "swift", "version": "1.0", "name": configuration.name,
+            "tls_required": configuration.tls != nil,
         ]
         if let token = configuration.token { fields["auth_token"] = token }
         if let user = configuration.user { fields["user"] = user }
@@ -412,12 +424,17 @@ final class NATSChannelHandler: ChannelInboundHandler, Sendable {
     let connection: NATSConnection
     let generation: Int
     let handshake: Handshake
+    let tls: (context: NIOSSLContext, serverName: String?)?
     let buffered = Mutex<(buffer: ByteBuffer?, parser: NATSParser)>((nil, NATSParser()))
 
-    init(connection: NATSConnection, generation: Int, handshake: Handshake) {
+    init(
+        connection: NATSConnection, generation: Int, handshake: Handshake,
+        tls: (context: NIOSSLContext, serverName: String?)?
+    ) {
         self.connection = connection
         self.generation = generation
         self.handshake = handshake
+        self.tls = tls
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -450,6 +467,23 @@ final class NATSChannelHandler: ChannelInboundHandler, Sendable {
         case .info(let json):
             connection.state.withLock { $0.info = json }
             if !handshake.isDone {
+                let required = json.contains("\"tls_required\":true")
+                if let tls {
+                    // NATS upgrades after INFO: everything from here on (CONNECT first) goes through TLS.
+                    do {
+                        let handler = try NIOSSLClientHandler(context: tls.context, serverHostname: tls.serverName)
+                        try context.pipeline.syncOperations.addHandler(handler, position: .first)
+                    } catch {
+                        handshake.finish(.failure(NATSError(.connectionFailed, "TLS cannot start: \(error)")))
+                        context.close(promise: nil)
+                        return
+                    }
+                } else if required {
+                    handshake.finish(
+                        .failure(NATSError(.connectionFailed, "the server requires TLS; configure `tls`")))
+                    context.close(promise: nil)
+                    return
+                }
                 var buffer = context.channel.allocator.buffer(capacity: 256)
                 try? NATSClientOperation.connect(connection.connectJSON()).write(to: &buffer)
                 try? NATSClientOperation.ping.write(to: &buffer)
@@ -482,6 +516,7 @@ final class NATSChannelHandler: ChannelInboundHandler, Sendable {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        handshake.finish(.failure(NATSError(.connectionFailed, "\(error)")))
         context.close(promise: nil)
     }
 }
@@ -498,4 +533,13 @@ func withDeadline<T: Sendable>(
     }
     defer { timer.cancel() }
     return try await body()
+}
+
+extension String {
+    /// An IPv4 or IPv6 literal (no TLS server name is sent for those).
+    var isIPAddressLiteral: Bool {
+        var v4 = in_addr()
+        var v6 = in6_addr()
+        return inet_pton(AF_INET, self, &v4) == 1 || inet_pton(AF_INET6, self, &v6) == 1
+    }
 }

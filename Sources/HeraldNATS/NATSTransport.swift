@@ -1,6 +1,7 @@
 import Foundation
 import Herald
 import Logging
+import NIOSSL
 import Synchronization
 
 /// An `EventTransport` on NATS JetStream, for systems that outgrow one machine.
@@ -27,12 +28,15 @@ public final class NATSTransport: EventTransport {
         public var replicas: Int
         public var duplicateWindow: Duration
         public var clientName: String
+        /// TLS to the servers (NATS upgrades after INFO).
+        public var tls: TLSConfiguration?
 
         public init(
             servers: [NATSConnection.Server], token: String? = nil, user: String? = nil, password: String? = nil,
             partitions: Int = 16, replicas: Int = 1, duplicateWindow: Duration = .seconds(120),
-            clientName: String = "herald"
+            clientName: String = "herald", tls: TLSConfiguration? = nil
         ) {
+            self.tls = tls
             self.servers = servers
             self.token = token
             self.user = user
@@ -65,7 +69,7 @@ public final class NATSTransport: EventTransport {
         connection = NATSConnection(
             configuration: .init(
                 servers: configuration.servers, name: configuration.clientName, token: configuration.token,
-                user: configuration.user, password: configuration.password),
+                user: configuration.user, password: configuration.password, tls: configuration.tls),
             logger: logger)
         jetStream = JetStream(connection: connection)
     }
