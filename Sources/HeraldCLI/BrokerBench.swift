@@ -61,19 +61,21 @@ struct BrokerBench: AsyncParsableCommand {
             let json = try JSONSerialization.data(withJSONObject: ["name": topic, "partitions": partitions])
             _ = try await transport.admin("topics.create", arguments: Array(json))
         }
-        let published = try await measurePublish(transport, topic: topic)
+        let workload = TransportWorkload(
+            events: events, size: size, publishers: publishers, batch: batch, rate: rate, seconds: seconds)
+        let published = try await workload.measurePublish(transport, topic: topic)
         print(
             pad("acked durable publish", 58) + "\(Int(published)) events/s  (\(format(published / fsyncRate, 1))× "
                 + "the baseline; goal 150,000)")
-        let consumed = try await measureConsume(
+        let consumed = try await workload.measureConsume(
             transport, topic: topic, group: "bench-each", count: events, batched: false)
         print(pad("consume + ack, one ack() per event (as the bus does)", 58) + "\(Int(consumed)) events/s")
-        let batched = try await measureConsume(
+        let batched = try await workload.measureConsume(
             transport, topic: topic, group: "bench-batched", count: events, batched: true)
         print(
             pad("consume + ack, acks batched with settle(_:_:)", 58)
                 + "\(Int(batched)) events/s  (goal 150,000)")
-        let (p50, p99, p999, count) = try await measureLatency(transport, topic: topic + "-latency")
+        let (p50, p99, p999, count) = try await workload.measureLatency(transport, topic: topic + "-latency")
         print(
             pad("end-to-end latency at \(rate)/s (\(count) events)", 58)
                 + "p50 \(format(p50 / 1000, 3)) ms, p99 \(format(p99 / 1000, 3)) ms, p99.9 \(format(p999 / 1000, 3)) ms"
@@ -86,6 +88,33 @@ struct BrokerBench: AsyncParsableCommand {
         }
     }
 
+    /// Sequential 100-byte appends, each followed by fdatasync: what one durable write costs alone.
+    func measureFsync(directory: String) -> Double {
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let fd = open(directory + "/probe", O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        defer { close(fd) }
+        let bytes = [UInt8](repeating: 1, count: 100)
+        let count = 500
+        let start = monotonicNanoseconds()
+        for _ in 0..<count {
+            _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            fdatasync(fd)
+        }
+        return Double(count) / (Double(monotonicNanoseconds() - start) / 1e9)
+    }
+}
+
+/// The benchmark workload, for any transport: acked publishes from concurrent publishers, consume + ack, and
+/// end-to-end latency at a fixed rate (the send time rides in the event's first 8 bytes).
+struct TransportWorkload: Sendable {
+    let events: Int
+    let size: Int
+    let publishers: Int
+    let batch: Int
+    let rate: Int
+    let seconds: Int
+
     func event(_ number: Int, sentAt: UInt64 = 0) -> CloudEvent {
         var data = [UInt8](repeating: UInt8(ascii: "x"), count: max(16, size))
         withUnsafeBytes(of: sentAt.littleEndian) { for (index, byte) in $0.enumerated() { data[index] = byte } }
@@ -94,7 +123,7 @@ struct BrokerBench: AsyncParsableCommand {
         return event
     }
 
-    func measurePublish(_ transport: BrokerTransport, topic: String) async throws -> Double {
+    func measurePublish(_ transport: any EventTransport, topic: String) async throws -> Double {
         let prepared = (0..<events).map { event($0) }
         let perPublisher = (events + publishers - 1) / publishers
         let start = monotonicNanoseconds()
@@ -118,7 +147,7 @@ struct BrokerBench: AsyncParsableCommand {
 
     /// Consumes `count` events as group `group`, acking each with its own `ack()` (what the bus does) or, with
     /// `batched`, everything received so far with one `settle` call.
-    func measureConsume(_ transport: BrokerTransport, topic: String, group name: String, count: Int, batched: Bool)
+    func measureConsume(_ transport: any EventTransport, topic: String, group name: String, count: Int, batched: Bool)
         async throws -> Double
     {
         var options = SubscribeOptions(ackWait: .seconds(60))
@@ -155,7 +184,7 @@ struct BrokerBench: AsyncParsableCommand {
         return Double(acked.value) / (Double(monotonicNanoseconds() - start) / 1e9)
     }
 
-    func measureLatency(_ transport: BrokerTransport, topic: String) async throws -> (Double, Double, Double, Int) {
+    func measureLatency(_ transport: any EventTransport, topic: String) async throws -> (Double, Double, Double, Int) {
         var options = SubscribeOptions(ackWait: .seconds(60))
         options.maxInFlight = 4096
         let stream = try await transport.subscribe(topic: topic, group: "bench-latency", options: options)
@@ -206,21 +235,6 @@ struct BrokerBench: AsyncParsableCommand {
         return (at(0.5), at(0.99), at(0.999), sorted.count)
     }
 
-    /// Sequential 100-byte appends, each followed by fdatasync: what one durable write costs alone.
-    func measureFsync(directory: String) -> Double {
-        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let fd = open(directory + "/probe", O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        defer { close(fd) }
-        let bytes = [UInt8](repeating: 1, count: 100)
-        let count = 500
-        let start = monotonicNanoseconds()
-        for _ in 0..<count {
-            _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            fdatasync(fd)
-        }
-        return Double(count) / (Double(monotonicNanoseconds() - start) / 1e9)
-    }
 }
 
 final class Samples: Sendable {

@@ -126,7 +126,25 @@ public struct JetStream: Sendable {
     {
         var headers = headers
         if let messageID { headers.fields.append(("Nats-Msg-Id", messageID)) }
-        let reply = try await connection.request(subject, headers: headers, payload: payload, timeout: apiTimeout)
+        return try Self.pubAck(
+            try await connection.request(subject, headers: headers, payload: payload, timeout: apiTimeout))
+    }
+
+    /// Publishes many messages in one write and waits for every acknowledgement (in order). A failure of any
+    /// one throws; retrying the whole batch is safe with message ids (duplicates are acknowledged as such).
+    public func publish(_ messages: [(subject: String, headers: NATSHeaders, payload: [UInt8], messageID: String?)])
+        async throws -> [PubAck]
+    {
+        let replies = try await connection.requests(
+            messages.map { message in
+                var headers = message.headers
+                if let id = message.messageID { headers.fields.append(("Nats-Msg-Id", id)) }
+                return (message.subject, headers, message.payload)
+            }, timeout: apiTimeout)
+        return try replies.map { result in try Self.pubAck(try result.get()) }
+    }
+
+    static func pubAck(_ reply: NATSMessage) throws -> PubAck {
         let answer = (try? JSONSerialization.jsonObject(with: Data(reply.payload)) as? [String: Any]) ?? [:]
         if let error = answer["error"] as? [String: Any] {
             throw APIError(

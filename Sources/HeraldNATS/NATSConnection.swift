@@ -91,6 +91,8 @@ public final class NATSConnection: Sendable {
         var connectionWaiters: [UUID: CheckedContinuation<any Channel, any Error>] = [:]
         var pongWaiters: [CheckedContinuation<Void, any Error>] = []
         var requests: [String: CheckedContinuation<NATSMessage, any Error>] = [:]
+        /// Replies awaited by `requests(_:timeout:)` (many written at once).
+        var slots: [String: ReplySlot] = [:]
         var nextRequest = 0
         var serverIndex = 0
         var reconnecting = false
@@ -295,6 +297,47 @@ public final class NATSConnection: Sendable {
         return reply
     }
 
+    /// Many requests written at once, in order (one write); returns each reply or failure, in order. What one
+    /// request needs a round trip for, a batch pays once.
+    public func requests(
+        _ items: [(subject: String, headers: NATSHeaders?, payload: [UInt8])], timeout: Duration = .seconds(5)
+    ) async throws -> [Result<NATSMessage, any Error>] {
+        let slots = items.map { _ in ReplySlot() }
+        let tokens = state.withLock { state -> [String] in
+            defer { state.nextRequest += items.count }
+            return items.indices.map { "\(inbox).\(state.nextRequest + $0)" }
+        }
+        state.withLock { state in
+            for (token, slot) in zip(tokens, slots) { state.slots[token] = slot }
+        }
+        let timer = Task {
+            try await Task.sleep(for: timeout)
+            let expired = self.state.withLock { state in tokens.compactMap { state.slots.removeValue(forKey: $0) } }
+            for slot in expired { slot.fill(.failure(NATSError(.timeout, "no reply within \(timeout)"))) }
+        }
+        defer { timer.cancel() }
+        do {
+            try await send(
+                zip(items, tokens).map {
+                    .publish(subject: $0.subject, replyTo: $1, headers: $0.headers, payload: $0.payload)
+                })
+        } catch {
+            let unsent = state.withLock { state in tokens.compactMap { state.slots.removeValue(forKey: $0) } }
+            for slot in unsent { slot.fill(.failure(error)) }
+        }
+        var results: [Result<NATSMessage, any Error>] = []
+        results.reserveCapacity(slots.count)
+        for slot in slots {
+            let result = await slot.value()
+            if case .success(let reply) = result, reply.headers?.status == 503 {
+                results.append(.failure(NATSError(.noResponders, "no responders")))
+            } else {
+                results.append(result)
+            }
+        }
+        return results
+    }
+
     /// A round trip to the server: everything sent before has been processed.
     public func flush(timeout: Duration = .seconds(5)) async throws {
         let channel = try await liveChannel()
@@ -322,6 +365,8 @@ public final class NATSConnection: Sendable {
             for waiter in state.connectionWaiters.values { failures.append { waiter.resume(throwing: $0) } }
             for waiter in state.pongWaiters { failures.append { waiter.resume(throwing: $0) } }
             for waiter in state.requests.values { failures.append { waiter.resume(throwing: $0) } }
+            for slot in state.slots.values { failures.append { slot.fill(.failure($0)) } }
+            state.slots = [:]
             state.connectionWaiters = [:]
             state.pongWaiters = []
             state.requests = [:]
@@ -337,8 +382,11 @@ public final class NATSConnection: Sendable {
 
     func received(_ message: NATSMessage) {
         if message.sid == Self.inboxSID {
-            let waiter = state.withLock { $0.requests.removeValue(forKey: message.subject) }
+            let (waiter, slot) = state.withLock {
+                ($0.requests.removeValue(forKey: message.subject), $0.slots.removeValue(forKey: message.subject))
+            }
             waiter?.resume(returning: message)
+            slot?.fill(.success(message))
             return
         }
         let handler = state.withLock { $0.subscriptions[message.sid]?.handler }
@@ -359,8 +407,10 @@ public final class NATSConnection: Sendable {
             var failures: [(any Error) -> Void] = []
             for waiter in state.pongWaiters { failures.append { waiter.resume(throwing: $0) } }
             for waiter in state.requests.values { failures.append { waiter.resume(throwing: $0) } }
+            for slot in state.slots.values { failures.append { slot.fill(.failure($0)) } }
             state.pongWaiters = []
             state.requests = [:]
+            state.slots = [:]
             // A connection that never became live failed its `attempt`, whose caller retries.
             if state.closed || !wasLive || state.reconnecting { return (false, failures) }
             state.reconnecting = true
@@ -385,6 +435,35 @@ public final class NATSConnection: Sendable {
                 try? await Task.sleep(for: delay)
                 delay = min(delay * 2, configuration.reconnectDelay.max)
             }
+        }
+    }
+}
+
+/// One awaited reply: filled once (by the reply, a timeout or a lost connection), awaited once.
+final class ReplySlot: Sendable {
+    let state = Mutex<
+        (result: Result<NATSMessage, any Error>?, waiter: CheckedContinuation<Result<NATSMessage, any Error>, Never>?)
+    >(
+        (nil, nil))
+
+    func fill(_ result: Result<NATSMessage, any Error>) {
+        let waiter = state.withLock { state -> CheckedContinuation<Result<NATSMessage, any Error>, Never>? in
+            guard state.result == nil else { return nil }
+            state.result = result
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume(returning: result)
+    }
+
+    func value() async -> Result<NATSMessage, any Error> {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLock { state -> Result<NATSMessage, any Error>? in
+                if let result = state.result { return result }
+                state.waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
         }
     }
 }

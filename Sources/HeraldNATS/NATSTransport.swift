@@ -164,28 +164,40 @@ public final class NATSTransport: EventTransport {
     public func publish(_ events: [CloudEvent], to topic: String) async throws -> [PublishAck] {
         guard !events.isEmpty else { return [] }
         try await ensureStream(topic)
-        var acks: [PublishAck] = []
-        acks.reserveCapacity(events.count)
+        // One write for the batch, in order (a key's events keep their order), then every PubAck.
+        var messages: [(subject: String, headers: NATSHeaders, payload: [UInt8], messageID: String?)] = []
+        var partitions: [Int] = []
         for event in events {
             let partition = Self.partition(of: event, count: configuration.partitions)
-            let ack = try await publish(event, subject: Self.subject(topic, partition: partition), id: nil)
-            acks.append(
-                PublishAck(
-                    id: event.id, partition: partition, offset: Int64(ack.sequence), duplicate: ack.duplicate))
+            let (headers, body) = try Self.binary(event)
+            messages.append(
+                (Self.subject(topic, partition: partition), NATSHeaders(headers), body, Self.messageID(event)))
+            partitions.append(partition)
         }
-        return acks
+        let batch = messages
+        let acks = try await retrying("publish to \(topic)") { try await self.jetStream.publish(batch) }
+        return zip(events, zip(partitions, acks)).map { event, placed in
+            PublishAck(
+                id: event.id, partition: placed.0, offset: Int64(placed.1.sequence), duplicate: placed.1.duplicate)
+        }
     }
 
-    func publish(_ event: CloudEvent, subject: String, id: String?) async throws -> JetStream.PubAck {
-        let (headers, body): ([(name: String, value: String)], [UInt8])
+    static func binary(_ event: CloudEvent) throws -> ([(name: String, value: String)], [UInt8]) {
         do {
-            (headers, body) = try CloudEventHTTPBinding.encodeBinary(event)
+            return try CloudEventHTTPBinding.encodeBinary(event)
         } catch {
             throw TransportError(.invalidRequest, "the event cannot be sent: \(error.message)")
         }
-        let messageID =
-            id ?? CloudEventHTTPBinding.percentEncode(event.source) + " "
+    }
+
+    static func messageID(_ event: CloudEvent) -> String {
+        CloudEventHTTPBinding.percentEncode(event.source) + " "
             + CloudEventHTTPBinding.percentEncode(event.id.description)
+    }
+
+    func publish(_ event: CloudEvent, subject: String, id: String?) async throws -> JetStream.PubAck {
+        let (headers, body) = try Self.binary(event)
+        let messageID = id ?? Self.messageID(event)
         return try await retrying("publish to \(subject)") {
             try await self.jetStream.publish(
                 subject, headers: NATSHeaders(headers), payload: body, messageID: messageID)
