@@ -2,24 +2,14 @@ import Foundation
 import Herald
 import HeraldClient
 import HeraldHTTP
+import HeraldTesting
 import NIOSSL
 import Testing
 
 /// Certificates made by scripts/gen-test-certs (scripts/test passes their directory in HERALD_TEST_CERTS; run
 /// alone, the test makes its own).
 enum TestCertificates {
-    static let directory: String = {
-        if let given = ProcessInfo.processInfo.environment["HERALD_TEST_CERTS"] { return given }
-        let directory = NSTemporaryDirectory() + "herald-certs-\(ProcessInfo.processInfo.processIdentifier)"
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("scripts/gen-test-certs").path
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: script)
-        process.arguments = [directory]
-        try? process.run()
-        process.waitUntilExit()
-        return directory
-    }()
+    static var directory: String { testCertificateDirectory }
 
     static func path(_ name: String) -> String { directory + "/" + name }
 

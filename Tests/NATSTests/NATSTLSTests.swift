@@ -1,25 +1,13 @@
 import Foundation
 import Herald
 import HeraldNATS
+import HeraldTesting
 import NIOSSL
 import Testing
 
 @Suite("NATS: TLS", .timeLimit(.minutes(2)))
 struct NATSTLSTests {
-    /// Certificates from scripts/gen-test-certs: scripts/test passes their directory in HERALD_TEST_CERTS; run alone,
-    /// the test makes its own.
-    static let certificates: String = {
-        if let given = ProcessInfo.processInfo.environment["HERALD_TEST_CERTS"] { return given }
-        let directory = NSTemporaryDirectory() + "herald-nats-certs-\(ProcessInfo.processInfo.processIdentifier)"
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("scripts/gen-test-certs").path
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: script)
-        process.arguments = [directory]
-        try? process.run()
-        process.waitUntilExit()
-        return directory
-    }()
+    static var certificates: String { testCertificateDirectory }
 
     static func client(trusting ca: String) -> TLSConfiguration {
         var configuration = TLSConfiguration.makeClientConfiguration()
