@@ -27,6 +27,8 @@ final class NATSGroupMember: Sendable {
         var unsettled: [String: String] = [:]
         /// (consumer, stream sequence) → the newest attempt seen: settling an older one is stale.
         var latest: [String: Int] = [:]
+        /// Fetch loops waiting for this member to settle something before they pull again.
+        var creditWaiters: [UUID: CheckedContinuation<Void, Never>] = [:]
     }
 
     let transport: NATSTransport
@@ -62,27 +64,26 @@ final class NATSGroupMember: Sendable {
         }
     }
 
-    /// How many more messages this member may take on.
-    var credit: Int { max(0, options.maxInFlight - state.withLock { $0.unsettled.count }) }
-
-    /// Deliveries of consumer `index` this member holds unsettled.
-    func holding(_ index: Int) -> Int {
-        let prefix = consumers[index] + "."
-        return state.withLock { $0.unsettled.keys.filter { $0.hasPrefix(prefix) }.count }
+    /// How many messages consumer `index` may pull now: ordered, one while this member holds none of that
+    /// partition (the consumer lets one out at a time; a pull could only wait or be refused); else up to
+    /// `maxInFlight` minus what the member holds.
+    private func wanted(_ index: Int, _ state: State) -> Int {
+        if options.ordered {
+            let prefix = consumers[index] + "."
+            return state.unsettled.keys.contains { $0.hasPrefix(prefix) } ? 0 : 1
+        }
+        return min(256, max(0, options.maxInFlight - state.unsettled.count))
     }
 
     private func fetchLoop(_ index: Int) async {
-        let batch = options.ordered ? 1 : 256
         while !Task.isCancelled, !state.withLock({ $0.left }) {
-            // Ordered: a partition's consumer lets one message out at a time; while this member holds it, a pull
-            // could only wait or be refused.
-            let want = options.ordered ? (holding(index) == 0 ? 1 : 0) : min(batch, credit)
             if state.withLock({ $0.pulls[index].refused }) {
                 state.withLock { $0.pulls[index].refused = false }
                 try? await Task.sleep(for: .milliseconds(50))
             }
+            let want = state.withLock { wanted(index, $0) }
             guard want > 0 else {
-                try? await Task.sleep(for: .milliseconds(options.ordered ? 2 : 10))
+                await waitForCredit(index)
                 continue
             }
             state.withLock { $0.pulls[index] = Pull(wanted: want) }
@@ -189,8 +190,34 @@ final class NATSGroupMember: Sendable {
             state.withLock { state in
                 if state.unsettled[key] == reply { state.unsettled[key] = nil }
             }
+            wakeCreditWaiters()
         }
         try await transport.jetStream.acknowledge(reply, acknowledgement)
+    }
+
+    /// Waits until consumer `index` may pull again (something was settled), or 200 ms at most.
+    private func waitForCredit(_ index: Int) async {
+        let id = UUID()
+        await withCheckedContinuation { continuation in
+            let ready = state.withLock { state -> Bool in
+                if state.left || wanted(index, state) > 0 { return true }
+                state.creditWaiters[id] = continuation
+                return false
+            }
+            if ready { return continuation.resume() }
+            Task {
+                try? await Task.sleep(for: .milliseconds(200))
+                self.state.withLock { $0.creditWaiters.removeValue(forKey: id) }?.resume()
+            }
+        }
+    }
+
+    private func wakeCreditWaiters() {
+        let waiters = state.withLock { state in
+            defer { state.creditWaiters = [:] }
+            return Array(state.creditWaiters.values)
+        }
+        for waiter in waiters { waiter.resume() }
     }
 
     func isCurrent(key: String, attempt: Int) -> Bool {
@@ -210,6 +237,7 @@ final class NATSGroupMember: Sendable {
         }
         for loop in loops { loop.cancel() }
         for index in consumers.indices { endPull(index) }
+        wakeCreditWaiters()
         buffer?.finish()
         guard let sid else { return }
         // Pulls end within their 1 s expiry; their messages are nakked until then.
