@@ -90,8 +90,7 @@ public final class NATSConnection: Sendable {
         /// Operations waiting for a connection.
         var connectionWaiters: [UUID: CheckedContinuation<any Channel, any Error>] = [:]
         var pongWaiters: [CheckedContinuation<Void, any Error>] = []
-        var requests: [String: CheckedContinuation<NATSMessage, any Error>] = [:]
-        /// Replies awaited by `requests(_:timeout:)` (many written at once).
+        /// Replies awaited by `requests(_:timeout:)`, by reply subject.
         var slots: [String: ReplySlot] = [:]
         var nextRequest = 0
         var serverIndex = 0
@@ -268,37 +267,12 @@ public final class NATSConnection: Sendable {
     public func request(
         _ subject: String, headers: NATSHeaders? = nil, payload: [UInt8] = [], timeout: Duration = .seconds(5)
     ) async throws -> NATSMessage {
-        let token = state.withLock { state -> String in
-            defer { state.nextRequest += 1 }
-            return "\(inbox).\(state.nextRequest)"
-        }
-        let reply = try await withDeadline(timeout) {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<NATSMessage, any Error>) in
-                let closed = self.state.withLock { state -> Bool in
-                    if state.closed { return true }
-                    state.requests[token] = continuation
-                    return false
-                }
-                if closed { return continuation.resume(throwing: NATSError(.closed, "the connection is closed")) }
-                Task {
-                    do {
-                        try await self.publish(subject, replyTo: token, headers: headers, payload: payload)
-                    } catch {
-                        let waiter = self.state.withLock { $0.requests.removeValue(forKey: token) }
-                        waiter?.resume(throwing: error)
-                    }
-                }
-            }
-        } onTimeout: {
-            let waiter = self.state.withLock { $0.requests.removeValue(forKey: token) }
-            waiter?.resume(throwing: NATSError(.timeout, "no reply to \(subject) within \(timeout)"))
-        }
-        if reply.headers?.status == 503 { throw NATSError(.noResponders, "no responders for \(subject)") }
-        return reply
+        try await requests([(subject, headers, payload)], timeout: timeout)[0].get()
     }
 
-    /// Many requests written at once, in order (one write); returns each reply or failure, in order. What one
-    /// request needs a round trip for, a batch pays once.
+    /// Many requests written at once, in order (one write); returns each reply or failure, in order (a `503`
+    /// status reply, no responders, is a `noResponders` failure). What one request needs a round trip for, a batch
+    /// pays once.
     public func requests(
         _ items: [(subject: String, headers: NATSHeaders?, payload: [UInt8])], timeout: Duration = .seconds(5)
     ) async throws -> [Result<NATSMessage, any Error>] {
@@ -364,12 +338,10 @@ public final class NATSConnection: Sendable {
             var failures: [(any Error) -> Void] = []
             for waiter in state.connectionWaiters.values { failures.append { waiter.resume(throwing: $0) } }
             for waiter in state.pongWaiters { failures.append { waiter.resume(throwing: $0) } }
-            for waiter in state.requests.values { failures.append { waiter.resume(throwing: $0) } }
             for slot in state.slots.values { failures.append { slot.fill(.failure($0)) } }
             state.slots = [:]
             state.connectionWaiters = [:]
             state.pongWaiters = []
-            state.requests = [:]
             state.subscriptions = [:]
             defer { state.channel = nil }
             return (state.channel, failures)
@@ -382,10 +354,7 @@ public final class NATSConnection: Sendable {
 
     func received(_ message: NATSMessage) {
         if message.sid == Self.inboxSID {
-            let (waiter, slot) = state.withLock {
-                ($0.requests.removeValue(forKey: message.subject), $0.slots.removeValue(forKey: message.subject))
-            }
-            waiter?.resume(returning: message)
+            let slot = state.withLock { $0.slots.removeValue(forKey: message.subject) }
             slot?.fill(.success(message))
             return
         }
@@ -406,10 +375,8 @@ public final class NATSConnection: Sendable {
             state.channel = nil
             var failures: [(any Error) -> Void] = []
             for waiter in state.pongWaiters { failures.append { waiter.resume(throwing: $0) } }
-            for waiter in state.requests.values { failures.append { waiter.resume(throwing: $0) } }
             for slot in state.slots.values { failures.append { slot.fill(.failure($0)) } }
             state.pongWaiters = []
-            state.requests = [:]
             state.slots = [:]
             // A connection that never became live failed its `attempt`, whose caller retries.
             if state.closed || !wasLive || state.reconnecting { return (false, failures) }
