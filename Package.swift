@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "HeraldEncryption", targets: ["HeraldEncryption"]),
         .library(name: "HeraldHTTP", targets: ["HeraldHTTP"]),
         .library(name: "HeraldNATS", targets: ["HeraldNATS"]),
+        .library(name: "HeraldPostgres", targets: ["HeraldPostgres"]),
         .executable(name: "herald", targets: ["HeraldCLI"]),
     ],
     dependencies: [
@@ -33,6 +34,7 @@ let package = Package(
         .package(url: "https://github.com/vapor/jwt-kit", from: "5.8.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
     ],
     targets: [
         // The core: events, CloudEvents codec, the bus, strategies, middleware, sagas, the transport seam.
@@ -136,6 +138,7 @@ let package = Package(
                 "HeraldAuth",
                 "HeraldEncryption",
                 "HeraldNATS",
+                "HeraldPostgres",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -180,6 +183,22 @@ let package = Package(
                 "Herald", "HeraldTesting", "HeraldNATS", .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
+        ),
+        // PostgreSQL (postgres-nio): the transactional outbox and its relay, the inbox, a durable saga store.
+        .target(
+            name: "HeraldPostgres",
+            dependencies: [
+                "Herald",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .testTarget(
+            name: "PostgresTests",
+            dependencies: ["Herald", "HeraldTesting", "HeraldPostgres", .product(name: "PostgresNIO", package: "postgres-nio")]
         ),
         .testTarget(
             name: "HTTPTests",

@@ -89,6 +89,11 @@ public struct SagaStoreError: Error, Hashable, Sendable, CustomStringConvertible
     public let saga: String
     public let id: String
     public var description: String { "saga \(saga)/\(id) was changed concurrently" }
+
+    public init(saga: String, id: String) {
+        self.saga = saga
+        self.id = id
+    }
 }
 
 /// Keeps saga instances in memory.

@@ -1,0 +1,144 @@
+import Foundation
+import Herald
+import HeraldPostgres
+import Logging
+import PostgresNIO
+import Synchronization
+import Testing
+
+/// One change to an aggregate: its `sequence` is the aggregate's version after the change (1, 2, 3, … per
+/// aggregate, in the order the changes committed).
+struct Deposited: Event, Hashable {
+    static let eventType = "test.account.deposited"
+    let account: String
+    let sequence: Int
+    var partitionKey: String? { account }
+}
+
+func deposited(_ event: CloudEvent) throws -> Deposited {
+    try JSONDecoder().decode(Deposited.self, from: Data(try event.data.encoded() ?? []))
+}
+
+let quiet: Logger = {
+    var logger = Logger(label: "test.outbox")
+    logger.logLevel = .critical
+    return logger
+}()
+
+@Suite("PostgreSQL outbox and relay", .timeLimit(.minutes(5)))
+struct OutboxTests {
+    @Test func committedEventsArePublishedAndRolledBackOnesNever() async throws {
+        try await withTestDatabase { client, url in
+            let kept = CloudEvent(Deposited(account: "a", sequence: 1), source: "test")
+            let dropped = CloudEvent(Deposited(account: "a", sequence: 2), source: "test")
+            try await client.withTransaction(logger: quiet) { connection in
+                try await Outbox.append([kept], to: "accounts", on: connection)
+            }
+            struct Rollback: Error {}
+            await #expect(throws: (any Error).self) {
+                try await client.withTransaction(logger: quiet) { connection in
+                    try await Outbox.append([dropped], to: "accounts", on: connection)
+                    throw Rollback()
+                }
+            }
+            #expect(try await Outbox.pendingCount(client) == 1)
+
+            let transport = RecordingTransport()
+            let relay = OutboxRelay(
+                configuration: .init(postgres: try url.connectionConfiguration()), transport: transport, logger: quiet)
+            let running = Task { try await relay.run() }
+            defer { running.cancel() }
+            #expect(await eventually { transport.published.count == 1 })
+            #expect(try await eventually { try await Outbox.pendingCount(client) == 0 })
+            #expect(transport.published.map(\.event.id) == [kept.id])
+            #expect(transport.published.first?.topic == "accounts")
+            #expect(transport.published.first?.event.partitionkey == "a")
+
+            // A later commit wakes the relay (notified), and is published too.
+            let later = CloudEvent(Deposited(account: "b", sequence: 1), source: "test")
+            try await client.withTransaction(logger: quiet) { try await Outbox.append([later], to: "accounts", on: $0) }
+            #expect(await eventually { transport.published.count == 2 })
+            #expect(transport.published.map(\.event.id) == [kept.id, later.id])
+        }
+    }
+
+    /// The sequence-gap problem: a transaction takes id N, another takes N+1 and commits first, the relay
+    /// publishes N+1 — a relay that polled `id > last published` would now skip N forever when it commits.
+    @Test func aTransactionThatCommitsLateIsNotSkipped() async throws {
+        try await withTestDatabase { client, url in
+            let transport = RecordingTransport()
+            let relay = OutboxRelay(
+                configuration: .init(postgres: try url.connectionConfiguration(), pollInterval: .milliseconds(50)),
+                transport: transport, logger: quiet)
+            let running = Task { try await relay.run() }
+            defer { running.cancel() }
+
+            let early = CloudEvent(Deposited(account: "slow", sequence: 1), source: "test")
+            let late = CloudEvent(Deposited(account: "fast", sequence: 1), source: "test")
+            let lateCommitted = Mutex(false)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                let earlyAppended = AsyncStream<Void>.makeStream()
+                group.addTask {
+                    try await client.withTransaction(logger: quiet) { connection in
+                        try await Outbox.append([early], to: "accounts", on: connection)  // takes the lower id
+                        earlyAppended.continuation.yield()
+                        // Held open until the later transaction has committed and been published.
+                        while !(await eventually(timeout: .seconds(1)) { transport.published.count == 1 }) {}
+                    }
+                }
+                var iterator = earlyAppended.stream.makeAsyncIterator()
+                await iterator.next()
+                try await client.withTransaction(logger: quiet) { connection in
+                    try await Outbox.append([late], to: "accounts", on: connection)
+                }
+                lateCommitted.withLock { $0 = true }
+                try await group.waitForAll()
+            }
+            #expect(await eventually { transport.published.count == 2 })
+            #expect(transport.published.map(\.event.id) == [late.id, early.id])
+            let ids = try await client.query("SELECT id FROM herald_outbox ORDER BY id").decode(Int64.self)
+            var rows: [Int64] = []
+            for try await id in ids { rows.append(id) }
+            #expect(rows.count == 2)
+        }
+    }
+
+    @Test func anEventTheTransportRefusesIsKeptWithTheReasonAndTheRestGoOn() async throws {
+        try await withTestDatabase { client, url in
+            let good = CloudEvent(Deposited(account: "a", sequence: 1), source: "test")
+            let refused = CloudEvent(id: EventID(), source: "test", type: "test.refused", data: .bytes(Array("{}".utf8)))
+            let after = CloudEvent(Deposited(account: "a", sequence: 2), source: "test")
+            try await client.withTransaction(logger: quiet) { connection in
+                try await Outbox.append([good, refused, after], to: "accounts", on: connection)
+            }
+            let transport = RecordingTransport(refusedType: "test.refused")
+            let relay = OutboxRelay(
+                configuration: .init(postgres: try url.connectionConfiguration()), transport: transport, logger: quiet)
+            let running = Task { try await relay.run() }
+            defer { running.cancel() }
+            #expect(await eventually { transport.published.count == 2 })
+            #expect(transport.published.map(\.event.id) == [good.id, after.id])
+            #expect(await eventually { relay.stats.rejected == 1 })
+            let rows = try await client.query("SELECT rejected FROM herald_outbox WHERE rejected IS NOT NULL")
+            var reasons: [String] = []
+            for try await reason in rows.decode(String.self) { reasons.append(reason) }
+            #expect(reasons == ["test.refused is refused"])
+            #expect(try await Outbox.pendingCount(client) == 0)
+        }
+    }
+
+    @Test func anInvalidEventIsRefusedAtAppendAndNothingIsWritten() async throws {
+        try await withTestDatabase { client, _ in
+            let valid = CloudEvent(Deposited(account: "a", sequence: 1), source: "test")
+            let invalid = CloudEvent(id: EventID(), source: "", type: "test.invalid")
+            let error = await #expect(throws: PostgresTransactionError.self) {
+                try await client.withTransaction(logger: quiet) { connection in
+                    try await Outbox.append([valid, invalid], to: "accounts", on: connection)
+                }
+            }
+            #expect(error?.closureError is CloudEventError)
+            let pending = try await Outbox.pendingCount(client)
+            #expect(pending == 0)
+        }
+    }
+}
