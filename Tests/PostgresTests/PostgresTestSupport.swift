@@ -35,7 +35,10 @@ func withTestDatabase(_ body: (PostgresClient, PostgresURL) async throws -> Void
 
 /// A running pool of connections for `body`'s time.
 func withClient(_ url: PostgresURL, _ body: (PostgresClient) async throws -> Void) async throws {
-    let client = PostgresClient(configuration: url.clientConfiguration, backgroundLogger: Logger(label: "test.pg"))
+    var logger = Logger(label: "test.pg")
+    // The pool logs a warning when it is used a moment before `run()` has started in the task beside.
+    logger.logLevel = .error
+    let client = PostgresClient(configuration: url.clientConfiguration, backgroundLogger: logger)
     try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { await client.run() }
         do {
@@ -58,7 +61,7 @@ final class RecordingTransport: EventTransport {
     private let log = Mutex<[Published]>([])
     /// Probability that a publish fails (before anything is recorded) with `unavailable`.
     let failureRate: Double
-    /// Longest random delay before a publish is recorded and acknowledged.
+    /// Longest random delay between recording a publish and acknowledging it.
     let maxDelay: Duration
     /// Events with this type are refused for good (`invalidRequest`).
     let refusedType: String?
@@ -74,19 +77,21 @@ final class RecordingTransport: EventTransport {
     var published: [Published] { log.withLock { $0 } }
 
     func publish(_ events: [CloudEvent], to topic: String) async throws -> [PublishAck] {
-        if maxDelay > .zero {
-            try await Task.sleep(for: .nanoseconds(Int64.random(in: 0...maxDelay.components.attoseconds / 1_000_000_000 + maxDelay.components.seconds * 1_000_000_000)))
-        }
         if Double.random(in: 0..<1) < failureRate { throw TransportError(.unavailable, "failing on purpose") }
         if let refusedType, events.contains(where: { $0.type == refusedType }) {
             throw TransportError(.invalidRequest, "\(refusedType) is refused")
         }
-        return log.withLock { log in
+        let acks = log.withLock { log in
             events.map { event in
                 log.append(Published(topic: topic, event: event))
                 return PublishAck(id: event.id, partition: 0, offset: Int64(log.count - 1), duplicate: false)
             }
         }
+        // The events are in; the acknowledgement takes a while (a relay killed meanwhile never marks them).
+        if maxDelay > .zero {
+            try await Task.sleep(for: maxDelay * Double.random(in: 0...1))
+        }
+        return acks
     }
 
     func subscribe(topic: String, group: String, options: SubscribeOptions) async throws -> DeliveryStream {
@@ -104,4 +109,11 @@ func eventually(timeout: Duration = .seconds(30), _ condition: () async throws -
         try? await Task.sleep(for: .milliseconds(20))
     }
     return try await condition()
+}
+
+/// A value behind a lock that concurrent tasks share.
+final class Shared<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<T>(_ body: (inout Value) -> T) -> T { mutex.withLock { body(&$0) } }
 }
