@@ -1,6 +1,7 @@
 import ArgumentParser
 import Herald
 import HeraldNATS
+import HeraldPostgres
 import OrderSystem
 
 #if canImport(Glibc)
@@ -30,6 +31,12 @@ struct DemoCommand: AsyncParsableCommand {
     var chaos: String?
     @Option(help: "How many orders' timelines to print.") var timeline = 3
     @Option(help: "Seconds to wait for every order to finish.") var timeout = 120
+    @Option(
+        help: """
+            Keep the orders service's orders and sagas in PostgreSQL (postgres://USER[:PASSWORD]@HOST:PORT/DB), \
+            announcing each order through the transactional outbox; with --transport memory or a NATS URL.
+            """)
+    var postgres: String?
 
     func validate() throws {
         guard
@@ -45,6 +52,14 @@ struct DemoCommand: AsyncParsableCommand {
         }
         if chaos != nil, inProcess || !["broker", "http"].contains(transport) {
             throw ValidationError("--chaos needs the services as processes (--transport broker or http)")
+        }
+        if let postgres {
+            guard PostgresURL(postgres) != nil else {
+                throw ValidationError("--postgres must be a URL such as postgres://user@127.0.0.1:5432/db")
+            }
+            guard inProcess || transport == "memory" || transport.hasPrefix("nats://") else {
+                throw ValidationError("--postgres runs the services in this process: --transport memory or nats://…")
+            }
         }
         guard orders > 0 else { throw ValidationError("--orders must be positive") }
         guard (0...100).contains(failPercent) else { throw ValidationError("--fail-percent must be 0...100") }
@@ -62,7 +77,7 @@ struct DemoCommand: AsyncParsableCommand {
             ? try await ProcessDemo.run(options, chaos: chaos.map(ProcessDemo.Chaos.init), overHTTP: mode == "http") {
                 print($0)
             }
-            : try await runInProcess(options, mode: mode)
+            : try await runInProcess(options, mode: mode, postgres: postgres.flatMap(PostgresURL.init))
         print("")
         for (orderID, status, entries) in report.timelines {
             print("\(orderID)  → \(status?.rawValue ?? "unknown")")
@@ -99,14 +114,26 @@ struct DemoCommand: AsyncParsableCommand {
     }
 }
 
-/// The services in this process: linked through the in-memory transport (or one bus), or through NATS.
-func runInProcess(_ options: OrderDemo.Options, mode: String) async throws -> OrderDemo.Report {
-    guard mode.hasPrefix("nats://"), let configuration = NATSTransport.Configuration(url: mode) else {
+/// The services in this process: linked through the in-memory transport (or one bus), or through NATS; with the
+/// orders service on PostgreSQL when `postgres` is set.
+func runInProcess(_ options: OrderDemo.Options, mode: String, postgres: PostgresURL?) async throws
+    -> OrderDemo.Report
+{
+    let transport: any EventTransport
+    if mode.hasPrefix("nats://"), let configuration = NATSTransport.Configuration(url: mode) {
+        transport = NATSTransport(configuration: configuration)
+    } else if postgres != nil {
+        transport = InMemoryTransport()
+    } else {
         return try await OrderDemo.run(options)
     }
-    let transport = NATSTransport(configuration: configuration)
     do {
-        let report = try await OrderDemo.run(options, over: transport)
+        let report =
+            if let postgres {
+                try await runOnPostgres(options, url: postgres, transport: transport)
+            } else {
+                try await OrderDemo.run(options, over: transport)
+            }
         await transport.shutdown()
         return report
     } catch {

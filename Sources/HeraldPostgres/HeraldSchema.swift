@@ -57,8 +57,7 @@ public enum HeraldSchema {
         """,
     ]
 
-    /// The advisory-lock namespace (first key) of Herald's locks: 0 = migrations, `Outbox.aggregateLock` and
-    /// `OutboxRelay`'s slots use their own second keys.
+    /// The advisory lock (`pg_advisory_xact_lock(migrationLock, 0)`) that makes concurrent migrations wait.
     static let migrationLock: Int32 = 0x4845_0000
 
     /// Creates Herald's tables and indexes where missing.

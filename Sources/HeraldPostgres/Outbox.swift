@@ -13,8 +13,10 @@ import PostgresNIO
 public enum Outbox {
     /// Aggregates are spread over this many relay slots; each slot is published by one relay at a time.
     public static let slots = 16
-    /// Second key of `append`'s aggregate locks (`pg_advisory_xact_lock(aggregateLock, hash)`).
-    static let aggregateLock: Int32 = 0x4845_0001
+    /// The first key of Herald's advisory locks on this outbox (the aggregate locks `append` takes and the slot
+    /// locks relays hold): the outbox table's object id, so outboxes in different schemas of one database do not
+    /// share locks. Aggregate locks are transaction-scoped and slot locks session-scoped: they never meet.
+    static let lockNamespace = "'herald_outbox'::regclass::oid::int4"
     /// The channel `append` notifies (on commit) so relays wake at once.
     static let channel = "herald_outbox"
 
@@ -52,7 +54,7 @@ public enum Outbox {
         let locks = Set(aggregates.map { Int32(truncatingIfNeeded: PartitionHash.fnv1a($0)) }).sorted()
         try await connection.query(
             """
-            SELECT pg_advisory_xact_lock(\(aggregateLock), k)
+            SELECT pg_advisory_xact_lock(\(unescaped: lockNamespace), k)
             FROM (SELECT k FROM unnest(\(locks)::int4[]) AS k ORDER BY k) AS ordered
             """, logger: logger)
         try await connection.query(

@@ -55,9 +55,6 @@ public final class OutboxRelay: Service, Sendable {
         public var failures = 0
     }
 
-    /// Second key of the slot locks (`pg_try_advisory_lock(slotLock, slot)`).
-    static let slotLock: Int32 = 0x4845_0002
-
     public let configuration: Configuration
     public let transport: any EventTransport
     private let logger: Logger
@@ -129,7 +126,7 @@ public final class OutboxRelay: Service, Sendable {
                 let taken = try await connection.query(
                     """
                     SELECT s FROM generate_series(0, \(Int32(Outbox.slots - 1))::int4) AS s
-                    WHERE NOT (s = ANY(\(held)::int4[])) AND pg_try_advisory_lock(\(Self.slotLock)::int4, s)
+                    WHERE NOT (s = ANY(\(held)::int4[])) AND pg_try_advisory_lock(\(unescaped: Outbox.lockNamespace), s)
                     """, logger: logger)
                 for try await slot in taken.decode(Int32.self) { held.append(slot) }
                 let count = held.count

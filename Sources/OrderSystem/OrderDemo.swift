@@ -124,7 +124,11 @@ public enum OrderDemo {
 
     /// Runs the demo. With `external`, the services' buses are linked through that transport (any
     /// `EventTransport`: NATS, the broker…) on a topic of their own, `orders.<run id>`, instead of the in-memory one.
-    public static func run(_ options: Options, over external: (any EventTransport)? = nil) async throws -> Report {
+    /// `book` and `sagaStore` are where the orders service keeps its orders and its sagas (memory by default).
+    public static func run(
+        _ options: Options, over external: (any EventTransport)? = nil, book: any OrderBook = InMemoryOrderBook(),
+        sagaStore: any SagaStore = InMemorySagaStore()
+    ) async throws -> Report {
         let gateway = PaymentGateway(seed: options.seed, failurePercent: options.failurePercent)
         let ids = (1...max(1, options.orders)).map(orderID)
         let traced = Set(ids.prefix(options.timelineOrders))
@@ -156,7 +160,7 @@ public enum OrderDemo {
         let auditBus = buses.last!
         // The bus of the service at `index` in `buses` (every service shares the one bus when local).
         func bus(_ index: Int) -> EventBus { buses.count == 1 ? shared : buses[index] }
-        let orders = OrdersService(bus: shared)
+        let orders = OrdersService(bus: shared, sagaStore: sagaStore, book: book)
         // Payments and shipping live on through their subscriptions; the demo only reads orders and notifications.
         _ = PaymentsService(bus: bus(1), gateway: gateway)
         _ = ShippingService(bus: bus(2))
@@ -201,16 +205,16 @@ public enum OrderDemo {
         // Wait until every customer has heard how their order ended and the orders service has recorded it (or the
         // timeout), then until the transport has nothing left in flight, so the counts below are final.
         let deadline = clock.now + options.timeout
-        func settled() -> Bool {
+        func settled() async throws -> Bool {
             guard notified.withLock({ $0 }) >= ids.count else { return false }
-            guard orders.statuses.values.allSatisfy({ $0 != .pending }) else { return false }
+            guard try await book.pendingCount() == 0 else { return false }
             guard options.topology == .memory, external == nil else { return true }
             return ["orders", "payments", "shipping", "notifications", "audit"].allSatisfy { group in
                 guard let status = memory.groupStatus(topic: "orders", group: group) else { return true }
                 return status.lag == 0 && status.pending == 0
             }
         }
-        while !settled() && clock.now < deadline {
+        while try await !settled() && clock.now < deadline {
             try await Task.sleep(for: .milliseconds(1))
         }
         let elapsed = clock.now - started
@@ -223,7 +227,7 @@ public enum OrderDemo {
         await transport.shutdown()
 
         // Check every order against its payment outcome.
-        let statuses = orders.statuses
+        let statuses = try await orders.statuses()
         let sent = notifications.notifications
         var byStatus: [OrderStatus: Int] = [:]
         var wrong: [String] = []
@@ -245,7 +249,7 @@ public enum OrderDemo {
         return Report(
             options: options, byStatus: byStatus, wrongOrders: wrong,
             missingNotifications: ids.count - sent.count, duplicateNotifications: notifications.duplicateNotifications,
-            reservedStockLeft: orders.reservedStock, expectedReservedStock: byStatus[.completed] ?? 0,
+            reservedStockLeft: try await orders.reservedStock(), expectedReservedStock: byStatus[.completed] ?? 0,
             events: eventCount.withLock { $0 }, redeliveries: redelivered, elapsed: elapsed,
             latencyP50: percentile(0.50),
             latencyP99: percentile(0.99),

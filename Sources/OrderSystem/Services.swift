@@ -1,22 +1,21 @@
 import Herald
 import Synchronization
 
-/// The orders service: takes orders (reserving stock), runs the order saga, and keeps each order's final state.
+/// The orders service: takes orders (reserving stock), runs the order saga, and keeps each order's final state in
+/// its order book.
 public final class OrdersService: Sendable {
     public static let name = "orders"
 
-    struct Book {
-        var status: [String: OrderStatus] = [:]
-        var reservedStock = 0
-        var reasons: [String: String] = [:]
-    }
-
     public let bus: EventBus
     public let sagas: SagaManager<OrderSaga>
-    private let book = Mutex(Book())
+    public let book: any OrderBook
 
-    public init(bus: EventBus, sagaStore: any SagaStore = InMemorySagaStore(), saga: OrderSaga = OrderSaga()) {
+    public init(
+        bus: EventBus, sagaStore: any SagaStore = InMemorySagaStore(), saga: OrderSaga = OrderSaga(),
+        book: any OrderBook = InMemoryOrderBook()
+    ) {
         self.bus = bus
+        self.book = book
         self.sagas = SagaManager(saga, store: sagaStore, bus: bus)
         sagas.start(service: OrdersService.name)
         let dedup = Deduplicate()
@@ -25,39 +24,31 @@ public final class OrdersService: Sendable {
             try await self.place(command.order, from: context)
         }
         bus.subscribe(OrderCompleted.self, name: "orders.completed", service: OrdersService.name, middleware: [dedup]) {
-            [self] event, _ in
-            self.book.withLock { $0.status[event.orderID] = .completed }
+            event, context in
+            try await book.finish(event.orderID, as: .completed, reason: nil, event: context.event)
         }
         bus.subscribe(OrderCancelled.self, name: "orders.cancelled", service: OrdersService.name, middleware: [dedup]) {
-            [self] event, _ in
-            self.book.withLock { book in
-                // Compensation: release the stock reserved when the order was created, once.
-                if book.status[event.orderID] == .pending { book.reservedStock -= 1 }
-                book.status[event.orderID] = .cancelled
-                book.reasons[event.orderID] = event.reason
-            }
+            event, context in
+            try await book.finish(event.orderID, as: .cancelled, reason: event.reason, event: context.event)
         }
     }
 
-    /// Places an order: reserves stock and publishes `OrderCreated`, which starts the order's conversation.
+    /// Places an order: records it (reserving stock) and publishes `OrderCreated`, which starts the order's
+    /// conversation.
     /// - Parameter context: the command being handled, when there is one: `OrderCreated` then continues its trace.
     public func place(_ order: OrderCreated, from context: EventContext? = nil) async throws {
-        book.withLock { book in
-            book.status[order.orderID] = .pending
-            book.reservedStock += 1
-        }
-        if let context {
-            try await bus.publish(context.response(order, EventAttributes(correlationID: order.orderID)))
-        } else {
-            try await bus.publish(order, EventAttributes(correlationID: order.orderID))
-        }
+        let attributes = EventAttributes(correlationID: order.orderID)
+        let created = context?.response(order, attributes) ?? CloudEvent(order, source: bus.source, attributes: attributes)
+        try await book.place(order, announcing: created, on: bus)
     }
 
-    public func status(of orderID: String) -> OrderStatus? { book.withLock { $0.status[orderID] } }
-    public var statuses: [String: OrderStatus] { book.withLock { $0.status } }
+    public func status(of orderID: String) async throws -> OrderStatus? { try await book.status(of: orderID) }
+    public func statuses() async throws -> [String: OrderStatus] { try await book.statuses() }
     /// Stock reserved for orders that are not cancelled.
-    public var reservedStock: Int { book.withLock { $0.reservedStock } }
-    public func cancellationReason(of orderID: String) -> String? { book.withLock { $0.reasons[orderID] } }
+    public func reservedStock() async throws -> Int { try await book.reservedStock() }
+    public func cancellationReason(of orderID: String) async throws -> String? {
+        try await book.cancellationReason(of: orderID)
+    }
 }
 
 /// Decides payments deterministically from a seed, so a run's failures are known in advance.
