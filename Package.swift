@@ -198,7 +198,9 @@ let package = Package(
         ),
         .testTarget(
             name: "PostgresTests",
-            dependencies: ["Herald", "HeraldTesting", "HeraldPostgres", .product(name: "PostgresNIO", package: "postgres-nio")]
+            dependencies: [
+                "Herald", "HeraldTesting", "HeraldPostgres", .product(name: "PostgresNIO", package: "postgres-nio"),
+            ]
         ),
         .testTarget(
             name: "HTTPTests",

@@ -72,7 +72,9 @@ final class PostgresOrderBook: OrderBook {
     func statuses() async throws -> [String: OrderStatus] {
         let rows = try await client.query("SELECT id, status FROM orders", logger: logger)
         var statuses: [String: OrderStatus] = [:]
-        for try await (id, status) in rows.decode((String, String).self) { statuses[id] = OrderStatus(rawValue: status) }
+        for try await (id, status) in rows.decode((String, String).self) {
+            statuses[id] = OrderStatus(rawValue: status)
+        }
         return statuses
     }
 

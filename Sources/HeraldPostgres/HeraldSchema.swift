@@ -61,7 +61,8 @@ public enum HeraldSchema {
     static let migrationLock: Int32 = 0x4845_0000
 
     /// Creates Herald's tables and indexes where missing.
-    public static func migrate(_ client: PostgresClient, logger: Logger = Logger(label: "herald.postgres")) async throws {
+    public static func migrate(_ client: PostgresClient, logger: Logger = Logger(label: "herald.postgres")) async throws
+    {
         try await client.withTransaction(logger: logger) { connection in
             try await connection.query("SELECT pg_advisory_xact_lock(\(migrationLock), 0)", logger: logger)
             for statement in statements {

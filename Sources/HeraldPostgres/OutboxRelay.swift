@@ -198,7 +198,8 @@ public final class OutboxRelay: Service, Sendable {
                 "UPDATE herald_outbox SET published_at = now() WHERE id = ANY(\(published)::int8[])", logger: logger)
         }
         for (id, reason) in rejected {
-            logger.error("outbox event refused by the transport; kept", metadata: ["id": "\(id)", "reason": "\(reason)"])
+            logger.error(
+                "outbox event refused by the transport; kept", metadata: ["id": "\(id)", "reason": "\(reason)"])
             try await connection.query("UPDATE herald_outbox SET rejected = \(reason) WHERE id = \(id)", logger: logger)
         }
         let counts = (published.count, rejected.count)

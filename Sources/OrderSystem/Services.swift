@@ -38,7 +38,8 @@ public final class OrdersService: Sendable {
     /// - Parameter context: the command being handled, when there is one: `OrderCreated` then continues its trace.
     public func place(_ order: OrderCreated, from context: EventContext? = nil) async throws {
         let attributes = EventAttributes(correlationID: order.orderID)
-        let created = context?.response(order, attributes) ?? CloudEvent(order, source: bus.source, attributes: attributes)
+        let created =
+            context?.response(order, attributes) ?? CloudEvent(order, source: bus.source, attributes: attributes)
         try await book.place(order, announcing: created, on: bus)
     }
 

@@ -96,14 +96,18 @@ struct PostgresSagaStoreTests {
             try await store.save(second)
             // A writer that read version 1 loses to the one that saved version 2.
             await #expect(throws: SagaStoreError.self) { try await store.save(second) }
-            #expect(try await store.expired(saga: "order", at: Timestamp(nanosecondsSinceEpoch: 4_999), limit: 10).isEmpty)
             #expect(
-                try await store.expired(saga: "order", at: Timestamp(nanosecondsSinceEpoch: 5_000), limit: 10) == [second])
+                try await store.expired(saga: "order", at: Timestamp(nanosecondsSinceEpoch: 4_999), limit: 10).isEmpty)
+            #expect(
+                try await store.expired(saga: "order", at: Timestamp(nanosecondsSinceEpoch: 5_000), limit: 10) == [
+                    second
+                ])
             var finished = second
             finished.version = 3
             finished.finished = true
             try await store.save(finished)
-            #expect(try await store.expired(saga: "order", at: Timestamp(nanosecondsSinceEpoch: 9_999), limit: 10).isEmpty)
+            #expect(
+                try await store.expired(saga: "order", at: Timestamp(nanosecondsSinceEpoch: 9_999), limit: 10).isEmpty)
 
             // Another client (a restarted service) sees the same instance.
             try await withClient(url) { other in

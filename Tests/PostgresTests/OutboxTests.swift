@@ -106,7 +106,8 @@ struct OutboxTests {
     @Test func anEventTheTransportRefusesIsKeptWithTheReasonAndTheRestGoOn() async throws {
         try await withTestDatabase { client, url in
             let good = CloudEvent(Deposited(account: "a", sequence: 1), source: "test")
-            let refused = CloudEvent(id: EventID(), source: "test", type: "test.refused", data: .bytes(Array("{}".utf8)))
+            let refused = CloudEvent(
+                id: EventID(), source: "test", type: "test.refused", data: .bytes(Array("{}".utf8)))
             let after = CloudEvent(Deposited(account: "a", sequence: 2), source: "test")
             try await client.withTransaction(logger: quiet) { connection in
                 try await Outbox.append([good, refused, after], to: "accounts", on: connection)

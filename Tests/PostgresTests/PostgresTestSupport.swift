@@ -27,7 +27,9 @@ func withTestDatabase(_ body: (PostgresClient, PostgresURL) async throws -> Void
             try await body(client, url)
         }
     } catch {
-        try? await withClient(server) { try await $0.query(PostgresQuery(unsafeSQL: "DROP DATABASE \(name) WITH (FORCE)")) }
+        try? await withClient(server) {
+            try await $0.query(PostgresQuery(unsafeSQL: "DROP DATABASE \(name) WITH (FORCE)"))
+        }
         throw error
     }
     try await withClient(server) { try await $0.query(PostgresQuery(unsafeSQL: "DROP DATABASE \(name) WITH (FORCE)")) }
