@@ -6,7 +6,7 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that print numbers (run with -c release).",
-        subcommands: [BusBench.self, BrokerBench.self, HTTPBench.self, NATSBench.self]
+        subcommands: [BusBench.self, BrokerBench.self, HTTPBench.self, NATSBench.self, OutboxBench.self]
     )
 }
 

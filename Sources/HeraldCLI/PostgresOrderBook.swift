@@ -114,7 +114,10 @@ func runOnPostgres(_ options: OrderDemo.Options, url: PostgresURL, transport: an
     clientConfiguration.options.maximumConnections = 40
     var relayConfiguration = OutboxRelay.Configuration(postgres: try url.connectionConfiguration())
     relayConfiguration.postgres.options.additionalStartupParameters = [("search_path", schema)]
-    let client = PostgresClient(configuration: clientConfiguration, backgroundLogger: logger)
+    var poolLogger = logger
+    // The pool warns when it is used a moment before `run()` has started in the task beside it.
+    poolLogger.logLevel = .error
+    let client = PostgresClient(configuration: clientConfiguration, backgroundLogger: poolLogger)
     let relay = OutboxRelay(configuration: relayConfiguration, transport: transport, logger: logger)
     do {
         return try await run(options, schema: schema, url: url, client: client, relay: relay, transport: transport)

@@ -15,14 +15,14 @@ import Synchronization
 ///
 /// Each round reads the oldest unpublished rows of its slots (by state, not past an id high-water mark, so a
 /// transaction that commits late is not skipped), publishes them in id order — consecutive rows of one topic as one
-/// batch — and marks them. It runs again at once while rows keep coming, else when `append` notifies a commit (or
-/// after `pollInterval`).
+/// batch — and marks them. It runs again at once while rows keep coming, else after `pollInterval` or when a commit
+/// is notified (`Outbox.append(…, notify: true)`), whichever comes first.
 public final class OutboxRelay: Service, Sendable {
     public struct Configuration: Sendable {
         public var postgres: PostgresConnection.Configuration
         /// Rows read and published per round.
         public var batchSize: Int
-        /// The longest wait between rounds when no commit was notified.
+        /// The wait between rounds that found nothing more to publish, unless a commit is notified before.
         public var pollInterval: Duration
         /// Published rows older than this are deleted.
         public var retention: Duration
@@ -30,7 +30,8 @@ public final class OutboxRelay: Service, Sendable {
         public var retryDelay: Duration
 
         public init(
-            postgres: PostgresConnection.Configuration, batchSize: Int = 500, pollInterval: Duration = .seconds(1),
+            postgres: PostgresConnection.Configuration, batchSize: Int = 500,
+            pollInterval: Duration = .milliseconds(25),
             retention: Duration = .seconds(3600), retryDelay: Duration = .milliseconds(200)
         ) {
             self.postgres = postgres

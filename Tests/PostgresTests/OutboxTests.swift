@@ -54,9 +54,11 @@ struct OutboxTests {
             #expect(transport.published.first?.topic == "accounts")
             #expect(transport.published.first?.event.partitionkey == "a")
 
-            // A later commit wakes the relay (notified), and is published too.
+            // A later commit, notified, is published too.
             let later = CloudEvent(Deposited(account: "b", sequence: 1), source: "test")
-            try await client.withTransaction(logger: quiet) { try await Outbox.append([later], to: "accounts", on: $0) }
+            try await client.withTransaction(logger: quiet) {
+                try await Outbox.append([later], to: "accounts", on: $0, notify: true)
+            }
             #expect(await eventually { transport.published.count == 2 })
             #expect(transport.published.map(\.event.id) == [kept.id, later.id])
         }
@@ -75,7 +77,6 @@ struct OutboxTests {
 
             let early = CloudEvent(Deposited(account: "slow", sequence: 1), source: "test")
             let late = CloudEvent(Deposited(account: "fast", sequence: 1), source: "test")
-            let lateCommitted = Mutex(false)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 let earlyAppended = AsyncStream<Void>.makeStream()
                 group.addTask {
@@ -91,7 +92,6 @@ struct OutboxTests {
                 try await client.withTransaction(logger: quiet) { connection in
                     try await Outbox.append([late], to: "accounts", on: connection)
                 }
-                lateCommitted.withLock { $0 = true }
                 try await group.waitForAll()
             }
             #expect(await eventually { transport.published.count == 2 })
@@ -140,6 +140,47 @@ struct OutboxTests {
             #expect(error?.closureError is CloudEventError)
             let pending = try await Outbox.pendingCount(client)
             #expect(pending == 0)
+        }
+    }
+}
+
+@Suite("PostgreSQL outbox: one aggregate, concurrent writers", .timeLimit(.minutes(3)))
+struct OutboxAggregateLockTests {
+    /// Two transactions append to one aggregate without any business lock between them: the second waits for the
+    /// first to commit, so its row gets the higher id and the relay publishes the two in commit order.
+    @Test func aSecondWriterOfAnAggregateWaitsForTheFirstToCommit() async throws {
+        try await withTestDatabase { client, url in
+            let first = CloudEvent(Deposited(account: "shared", sequence: 1), source: "test")
+            let second = CloudEvent(Deposited(account: "shared", sequence: 2), source: "test")
+            let secondAppended = Shared(false)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                let firstAppended = AsyncStream<Void>.makeStream()
+                group.addTask {
+                    try await client.withTransaction(logger: quiet) { connection in
+                        try await Outbox.append([first], to: "accounts", on: connection)
+                        firstAppended.continuation.yield()
+                        try await Task.sleep(for: .milliseconds(300))
+                        // The second writer is still waiting for this transaction's aggregate lock.
+                        #expect(secondAppended.withLock { $0 } == false)
+                    }
+                }
+                var iterator = firstAppended.stream.makeAsyncIterator()
+                await iterator.next()
+                group.addTask {
+                    try await client.withTransaction(logger: quiet) { connection in
+                        try await Outbox.append([second], to: "accounts", on: connection)
+                        secondAppended.withLock { $0 = true }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let transport = RecordingTransport()
+            let relay = OutboxRelay(
+                configuration: .init(postgres: try url.connectionConfiguration()), transport: transport, logger: quiet)
+            let running = Task { try await relay.run() }
+            defer { running.cancel() }
+            #expect(await eventually { transport.published.count == 2 })
+            #expect(transport.published.map(\.event.id) == [first.id, second.id])
         }
     }
 }
