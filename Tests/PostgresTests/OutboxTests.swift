@@ -44,10 +44,8 @@ struct OutboxTests {
             #expect(try await Outbox.pendingCount(client) == 1)
 
             let transport = RecordingTransport()
-            let relay = OutboxRelay(
-                configuration: .init(postgres: try url.connectionConfiguration()), transport: transport, logger: quiet)
-            let running = Task { try await relay.run() }
-            defer { running.cancel() }
+            let relay = try startRelay(url, transport)
+            defer { relay.task.cancel() }
             #expect(await eventually { transport.published.count == 1 })
             #expect(try await eventually { try await Outbox.pendingCount(client) == 0 })
             #expect(transport.published.map(\.event.id) == [kept.id])
@@ -69,11 +67,8 @@ struct OutboxTests {
     @Test func aTransactionThatCommitsLateIsNotSkipped() async throws {
         try await withTestDatabase { client, url in
             let transport = RecordingTransport()
-            let relay = OutboxRelay(
-                configuration: .init(postgres: try url.connectionConfiguration(), pollInterval: .milliseconds(50)),
-                transport: transport, logger: quiet)
-            let running = Task { try await relay.run() }
-            defer { running.cancel() }
+            let relay = try startRelay(url, transport)
+            defer { relay.task.cancel() }
 
             let early = CloudEvent(Deposited(account: "slow", sequence: 1), source: "test")
             let late = CloudEvent(Deposited(account: "fast", sequence: 1), source: "test")
@@ -113,13 +108,11 @@ struct OutboxTests {
                 try await Outbox.append([good, refused, after], to: "accounts", on: connection)
             }
             let transport = RecordingTransport(refusedType: "test.refused")
-            let relay = OutboxRelay(
-                configuration: .init(postgres: try url.connectionConfiguration()), transport: transport, logger: quiet)
-            let running = Task { try await relay.run() }
-            defer { running.cancel() }
+            let relay = try startRelay(url, transport)
+            defer { relay.task.cancel() }
             #expect(await eventually { transport.published.count == 2 })
             #expect(transport.published.map(\.event.id) == [good.id, after.id])
-            #expect(await eventually { relay.stats.rejected == 1 })
+            #expect(await eventually { relay.relay.stats.rejected == 1 })
             let rows = try await client.query("SELECT rejected FROM herald_outbox WHERE rejected IS NOT NULL")
             var reasons: [String] = []
             for try await reason in rows.decode(String.self) { reasons.append(reason) }
@@ -175,10 +168,8 @@ struct OutboxAggregateLockTests {
                 try await group.waitForAll()
             }
             let transport = RecordingTransport()
-            let relay = OutboxRelay(
-                configuration: .init(postgres: try url.connectionConfiguration()), transport: transport, logger: quiet)
-            let running = Task { try await relay.run() }
-            defer { running.cancel() }
+            let relay = try startRelay(url, transport)
+            defer { relay.task.cancel() }
             #expect(await eventually { transport.published.count == 2 })
             #expect(transport.published.map(\.event.id) == [first.id, second.id])
         }

@@ -119,3 +119,12 @@ final class Shared<Value: Sendable>: Sendable {
     init(_ value: Value) { mutex = Mutex(value) }
     func withLock<T>(_ body: (inout Value) -> T) -> T { mutex.withLock { body(&$0) } }
 }
+
+/// A relay running in a task of its own (cancel the task to stop it, as a crash would: its connection closes).
+func startRelay(_ url: PostgresURL, _ transport: any EventTransport) throws -> (
+    relay: OutboxRelay, task: Task<Void, any Error>
+) {
+    let relay = OutboxRelay(
+        configuration: .init(postgres: try url.connectionConfiguration()), transport: transport, logger: quiet)
+    return (relay, Task { try await relay.run() })
+}
