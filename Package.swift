@@ -139,6 +139,7 @@ let package = Package(
                 "HeraldEncryption",
                 "HeraldNATS",
                 "HeraldPostgres",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -199,7 +200,8 @@ let package = Package(
         .testTarget(
             name: "PostgresTests",
             dependencies: [
-                "Herald", "HeraldTesting", "HeraldPostgres", .product(name: "PostgresNIO", package: "postgres-nio"),
+                "Herald", "HeraldTesting", "HeraldPostgres", "HeraldBroker", "HeraldClient",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
             ]
         ),
         .testTarget(

@@ -8,7 +8,7 @@ struct HeraldCommand: AsyncParsableCommand {
         abstract: "Herald: event-driven microservices for Swift.",
         subcommands: [
             ServeCommand.self, PublishCommand.self, TailCommand.self, TopicsCommand.self, GroupsCommand.self,
-            DeadLettersCommand.self, ServiceCommand.self, DemoCommand.self, BenchCommand.self,
+            DeadLettersCommand.self, ServiceCommand.self, DemoCommand.self, BenchCommand.self, RelayCommand.self,
         ]
     )
 }
