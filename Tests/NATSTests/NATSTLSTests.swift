@@ -45,4 +45,31 @@ struct NATSTLSTests {
         }
         await untrusting.shutdown()
     }
+
+    /// Mutual TLS: a server that verifies client certificates serves a client presenting one signed by its CA and
+    /// refuses a client without one.
+    @Test func aServerThatVerifiesClientsServesOnlyClientsWithACertificate() async throws {
+        let directory = Self.certificates
+        let server = try NATSServerProcess(
+            extraConfig: """
+                tls { cert_file: "\(directory)/server.pem", key_file: "\(directory)/server.key", \
+                ca_file: "\(directory)/ca.pem", verify: true }
+                """)
+        try await server.start()
+        defer { server.stop() }
+
+        var mutual = Self.client(trusting: "ca.pem")
+        mutual.certificateChain = try NIOSSLCertificate.fromPEMFile(directory + "/client.pem").map { .certificate($0) }
+        mutual.privateKey = .privateKey(try NIOSSLPrivateKey(file: directory + "/client.key", format: .pem))
+        let identified = NATSTransport(configuration: .init(servers: [server.server], tls: mutual))
+        #expect(try await identified.publish([CloudEvent(source: "mtls", type: "t")], to: "mtls").count == 1)
+        await identified.shutdown()
+
+        let anonymous = NATSTransport(
+            configuration: .init(servers: [server.server], tls: Self.client(trusting: "ca.pem")))
+        await #expect(throws: TransportError.self) {
+            _ = try await anonymous.publish([CloudEvent(source: "mtls", type: "t")], to: "mtls")
+        }
+        await anonymous.shutdown()
+    }
 }
