@@ -85,21 +85,30 @@ public struct JetStream: Sendable {
         public var maxAckPending: Int
         /// `all` or `new`.
         public var deliverAll: Bool
+        /// JetStream's `backoff`: how long delivery N may stay unacknowledged before it is redelivered (the last
+        /// entry repeats); it replaces `ackWait` when set.
+        public var backoff: [Duration]
 
         public init(
             durable: String, filterSubject: String? = nil, ackWait: Duration, maxAckPending: Int,
-            deliverAll: Bool = true
+            deliverAll: Bool = true, backoff: [Duration] = []
         ) {
             self.durable = durable
             self.filterSubject = filterSubject
             self.ackWait = ackWait
             self.maxAckPending = maxAckPending
             self.deliverAll = deliverAll
+            self.backoff = backoff
         }
     }
 
+    /// `max_deliver` when a consumer has a backoff list (JetStream wants it finite and longer than the list): so
+    /// many deliveries that the transport's own limit always comes first.
+    static let unlimitedDeliveries = 1_000_000_000
+
     /// Creates the durable pull consumer, or updates the settings of an existing one. Deliveries are not limited
-    /// by the server (`max_deliver` -1): the transport counts attempts and dead-letters (Herald's semantics).
+    /// by the server (`max_deliver` -1, or a billion with a backoff list): the transport counts attempts and
+    /// dead-letters (Herald's semantics).
     public func ensureConsumer(stream: String, _ config: ConsumerConfig) async throws {
         var settings: [String: Any] = [
             "durable_name": config.durable, "ack_policy": "explicit", "ack_wait": config.ackWait.nanoseconds,
@@ -107,6 +116,11 @@ public struct JetStream: Sendable {
             "deliver_policy": config.deliverAll ? "all" : "new", "replay_policy": "instant",
         ]
         if let filter = config.filterSubject { settings["filter_subject"] = filter }
+        if !config.backoff.isEmpty {
+            settings["backoff"] = config.backoff.map(\.nanoseconds)
+            settings["ack_wait"] = config.backoff[0].nanoseconds
+            settings["max_deliver"] = Self.unlimitedDeliveries
+        }
         _ = try await api(
             "CONSUMER.CREATE.\(stream).\(config.durable)", ["stream_name": stream, "config": settings])
     }
@@ -200,7 +214,8 @@ public struct JetStream: Sendable {
             switch self {
             case .ack: Array("+ACK".utf8)
             case .nak(let delay):
-                delay > .zero ? Array("-NAK {\"delay\":\(delay.nanoseconds)}".utf8) : Array("-NAK".utf8)
+                // Always with a delay (1 ns for "now"): a plain -NAK may be redelivered on the consumer's backoff.
+                Array("-NAK {\"delay\":\(max(1, delay.nanoseconds))}".utf8)
             case .term(let reason): Array("+TERM \(reason.prefix(200))".utf8)
             case .inProgress: Array("+WPI".utf8)
             }

@@ -222,6 +222,12 @@ public final class NATSTransport: EventTransport {
 
     // MARK: Subscribing
 
+    /// Herald's redelivery after an ack timeout — the ack wait, then the backoff delay of that attempt — as
+    /// JetStream's per-delivery `backoff` list (the time delivery N may stay unacknowledged; the last repeats).
+    static func redeliveryWaits(_ options: SubscribeOptions) -> [Duration] {
+        options.backoff.map { options.ackWait + $0 }
+    }
+
     public func subscribe(topic: String, group: String, options: SubscribeOptions) async throws -> DeliveryStream {
         try await ensureStream(topic)
         let stream = Self.streamName(topic)
@@ -234,7 +240,8 @@ public final class NATSTransport: EventTransport {
                         stream: stream,
                         .init(
                             durable: name, filterSubject: Self.subject(topic, partition: partition),
-                            ackWait: options.ackWait, maxAckPending: 1, deliverAll: options.start == .earliest))
+                            ackWait: options.ackWait, maxAckPending: 1, deliverAll: options.start == .earliest,
+                            backoff: Self.redeliveryWaits(options)))
                 }
                 consumers.append(name)
             }
@@ -245,7 +252,7 @@ public final class NATSTransport: EventTransport {
                     stream: stream,
                     .init(
                         durable: name, ackWait: options.ackWait, maxAckPending: max(1, options.maxInFlight),
-                        deliverAll: options.start == .earliest))
+                        deliverAll: options.start == .earliest, backoff: Self.redeliveryWaits(options)))
             }
             consumers.append(name)
         }
