@@ -1,5 +1,6 @@
 import Herald
 import Logging
+import Metrics
 import PostgresNIO
 import ServiceLifecycle
 import Synchronization
@@ -61,6 +62,11 @@ public final class OutboxRelay: Service, Sendable {
     private let logger: Logger
     private let doorbell = Doorbell()
     private let statistics = Mutex(Statistics())
+    private let publishedCounter = Counter(label: "herald_outbox_published_total")
+    private let rejectedCounter = Counter(label: "herald_outbox_rejected_total")
+    private let failureCounter = Counter(label: "herald_outbox_relay_failures_total")
+    /// From a row's transaction start to its publication.
+    private let delayTimer = Metrics.Timer(label: "herald_outbox_delay_seconds")
 
     public init(
         configuration: Configuration, transport: any EventTransport,
@@ -87,6 +93,7 @@ public final class OutboxRelay: Service, Sendable {
                         $0.failures += 1
                         $0.slots = 0
                     }
+                    self.failureCounter.increment()
                     self.logger.warning(
                         "outbox relay failed; reconnecting", metadata: ["error": "\(String(reflecting: error))"])
                     try? await Task.sleep(for: self.configuration.retryDelay)
@@ -150,12 +157,12 @@ public final class OutboxRelay: Service, Sendable {
     private func round(slots: [Int32], on connection: PostgresConnection) async throws -> Bool {
         let rows = try await connection.query(
             """
-            SELECT id, topic, event::text FROM herald_outbox
+            SELECT id, topic, event::text, (extract(epoch FROM now() - created_at) * 1e9)::int8 FROM herald_outbox
             WHERE published_at IS NULL AND rejected IS NULL AND slot = ANY(\(slots)::int4[])
             ORDER BY id LIMIT \(configuration.batchSize)
             """, logger: logger)
-        var pending: [(id: Int64, topic: String, body: String)] = []
-        for try await row in rows.decode((Int64, String, String).self) { pending.append(row) }
+        var pending: [(id: Int64, topic: String, body: String, age: Int64)] = []
+        for try await row in rows.decode((Int64, String, String, Int64).self) { pending.append(row) }
         guard !pending.isEmpty else { return false }
 
         var published: [Int64] = []
@@ -203,6 +210,9 @@ public final class OutboxRelay: Service, Sendable {
                 "outbox event refused by the transport; kept", metadata: ["id": "\(id)", "reason": "\(reason)"])
             try await connection.query("UPDATE herald_outbox SET rejected = \(reason) WHERE id = \(id)", logger: logger)
         }
+        publishedCounter.increment(by: published.count)
+        rejectedCounter.increment(by: rejected.count)
+        for row in pending { delayTimer.recordNanoseconds(row.age) }
         let counts = (published.count, rejected.count)
         statistics.withLock {
             $0.published += counts.0
