@@ -10,9 +10,10 @@ import Synchronization
 /// with deduplication drop the repeats by (source, id)).
 ///
 /// Several relays may run at once. Each holds the slots it publishes with session advisory locks on a connection of
-/// its own, so one slot — and therefore one aggregate — is published by one relay at a time; a relay that dies
-/// loses its connection and so its locks, and the others take its slots over on their next round. A relay takes
-/// every free slot, so a second relay started beside a busy one waits as a standby.
+/// its own, so one slot — and therefore one aggregate — is published by one relay at a time. Relays count each other
+/// (each holds a presence lock) and each keeps its share of the slots, ⌈slots ÷ relays⌉, giving extra ones back and
+/// taking free ones every half second; a relay that dies loses its connection and so its locks, and the others take
+/// its slots over on their next balance.
 ///
 /// Each round reads the oldest unpublished rows of its slots (by state, not past an id high-water mark, so a
 /// transaction that commits late is not skipped), publishes them in id order — consecutive rows of one topic as one
@@ -127,18 +128,17 @@ public final class OutboxRelay: Service, Sendable {
     }
 
     private func rounds(on connection: PostgresConnection) async throws {
+        // Presence: a session lock per relay, so relays can count each other (gone with the connection).
+        try await connection.query(
+            "SELECT pg_advisory_lock(\(unescaped: Outbox.lockNamespace), \(Self.presenceKeys) + pg_backend_pid())",
+            logger: logger)
         var held: [Int32] = []
         var lastCleanup = ContinuousClock.now
+        var lastBalance = ContinuousClock.now - .seconds(3600)
         while !Task.isCancelled {
-            if held.count < Outbox.slots {
-                let taken = try await connection.query(
-                    """
-                    SELECT s FROM generate_series(0, \(Int32(Outbox.slots - 1))::int4) AS s
-                    WHERE NOT (s = ANY(\(held)::int4[])) AND pg_try_advisory_lock(\(unescaped: Outbox.lockNamespace), s)
-                    """, logger: logger)
-                for try await slot in taken.decode(Int32.self) { held.append(slot) }
-                let count = held.count
-                statistics.withLock { $0.slots = count }
+            if ContinuousClock.now - lastBalance >= Self.balanceInterval {
+                lastBalance = .now
+                try await balance(&held, on: connection)
             }
             var full = false
             if !held.isEmpty {
@@ -151,6 +151,48 @@ public final class OutboxRelay: Service, Sendable {
             if !full { await doorbell.wait(upTo: configuration.pollInterval) }
         }
         throw CancellationError()
+    }
+
+    /// Second keys from here up are relays' presence locks (slots are 0..<Outbox.slots).
+    static let presenceKeys: Int32 = 1_000_000
+    /// How often a relay counts the relays and takes or gives back slots.
+    static let balanceInterval: Duration = .milliseconds(500)
+
+    /// Holds this relay's share of the slots: ⌈slots ÷ relays alive⌉. Above it, gives the extra slots back (between
+    /// rounds, so nothing is in flight on them); below it, takes free ones, starting at a random slot. A relay
+    /// that dies releases its slots with its connection; the others' shares grow on their next balance.
+    private func balance(_ held: inout [Int32], on connection: PostgresConnection) async throws {
+        let counted = try await connection.query(
+            """
+            SELECT count(*) FROM pg_locks
+            WHERE locktype = 'advisory' AND granted AND objsubid = 2
+            AND classid::int8 = (\(unescaped: Outbox.lockNamespace))::int8 AND objid::int8 >= \(Int64(Self.presenceKeys))
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            """, logger: logger)
+        var relays = 1
+        for try await count in counted.decode(Int64.self) { relays = max(1, Int(count)) }
+        let share = (Outbox.slots + relays - 1) / relays
+        if held.count > share {
+            let released = Array(held.suffix(held.count - share))
+            held.removeLast(held.count - share)
+            try await connection.query(
+                "SELECT pg_advisory_unlock(\(unescaped: Outbox.lockNamespace), s) FROM unnest(\(released)::int4[]) AS s",
+                logger: logger)
+        } else if held.count < share {
+            let start = Int32.random(in: 0..<Int32(Outbox.slots))
+            let candidates = (0..<Int32(Outbox.slots)).map { (start + $0) % Int32(Outbox.slots) }.filter {
+                !held.contains($0)
+            }
+            let taken = try await connection.query(
+                """
+                SELECT s FROM unnest(\(candidates)::int4[]) WITH ORDINALITY AS c(s, n)
+                WHERE pg_try_advisory_lock(\(unescaped: Outbox.lockNamespace), s)
+                LIMIT \(share - held.count)
+                """, logger: logger)
+            for try await slot in taken.decode(Int32.self) { held.append(slot) }
+        }
+        let count = held.count
+        statistics.withLock { $0.slots = count }
     }
 
     /// Publishes the oldest unpublished rows of `slots`; returns whether the batch was full (more may wait).

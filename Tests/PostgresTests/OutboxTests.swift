@@ -175,3 +175,36 @@ struct OutboxAggregateLockTests {
         }
     }
 }
+
+@Suite("PostgreSQL outbox: relays share the slots", .timeLimit(.minutes(3)))
+struct OutboxRelayBalanceTests {
+    /// Two relays split the 16 slots (8 each); a third makes it 6/6/4 at most; when relays stop, the survivors
+    /// take their slots over.
+    @Test func relaysShareTheSlotsAndTheSurvivorTakesThemAll() async throws {
+        try await withTestDatabase { client, url in
+            let transport = RecordingTransport()
+            let first = try startRelay(url, transport)
+            defer { first.task.cancel() }
+            #expect(await eventually { first.relay.stats.slots == Outbox.slots })
+            let second = try startRelay(url, transport)
+            defer { second.task.cancel() }
+            #expect(
+                await eventually { first.relay.stats.slots == 8 && second.relay.stats.slots == 8 },
+                "\(first.relay.stats.slots) + \(second.relay.stats.slots)")
+            let third = try startRelay(url, transport)
+            #expect(
+                await eventually {
+                    let slots = [first, second, third].map(\.relay.stats.slots)
+                    return slots.reduce(0, +) == Outbox.slots && slots.allSatisfy { $0 > 0 && $0 <= 6 }
+                }, "\([first, second, third].map(\.relay.stats.slots))")
+            // Every slot is published by someone: events on all of them arrive.
+            let events = (0..<64).map { CloudEvent(Deposited(account: "account-\($0)", sequence: 1), source: "test") }
+            try await client.withTransaction(logger: quiet) { try await Outbox.append(events, to: "accounts", on: $0) }
+            #expect(await eventually { transport.published.count == 64 })
+
+            third.task.cancel()
+            second.task.cancel()
+            #expect(await eventually { first.relay.stats.slots == Outbox.slots }, "\(first.relay.stats.slots)")
+        }
+    }
+}
