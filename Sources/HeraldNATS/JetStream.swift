@@ -226,6 +226,16 @@ public struct JetStream: Sendable {
     public func acknowledge(_ ackSubject: String, _ acknowledgement: Acknowledgement) async throws {
         _ = try await connection.request(ackSubject, payload: acknowledgement.payload, timeout: apiTimeout)
     }
+
+    /// Acknowledges many messages the same way in one write; waits until the server has confirmed each. Throws
+    /// the first failure (the others may have been applied: acknowledgements are idempotent).
+    public func acknowledge(_ ackSubjects: [String], _ acknowledgement: Acknowledgement) async throws {
+        guard !ackSubjects.isEmpty else { return }
+        let payload = acknowledgement.payload
+        for reply in try await connection.requests(ackSubjects.map { ($0, nil, payload) }, timeout: apiTimeout) {
+            _ = try reply.get()
+        }
+    }
 }
 
 extension Duration {

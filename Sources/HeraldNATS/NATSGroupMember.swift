@@ -185,14 +185,20 @@ final class NATSGroupMember: Sendable {
 
     /// Sends the acknowledgement and forgets the delivery.
     func settle(reply: String, _ acknowledgement: JetStream.Acknowledgement) async throws {
-        if let info = JetStream.MessageInfo(ackSubject: reply) {
-            let key = "\(info.consumer).\(info.streamSequence)"
-            state.withLock { state in
-                if state.unsettled[key] == reply { state.unsettled[key] = nil }
-            }
-            wakeCreditWaiters()
-        }
+        forget([reply])
         try await transport.jetStream.acknowledge(reply, acknowledgement)
+    }
+
+    /// Forgets deliveries being settled (they no longer count against what this member may hold).
+    func forget(_ replies: [String]) {
+        let keys = replies.compactMap { reply in
+            JetStream.MessageInfo(ackSubject: reply).map { (key: "\($0.consumer).\($0.streamSequence)", reply: reply) }
+        }
+        guard !keys.isEmpty else { return }
+        state.withLock { state in
+            for (key, reply) in keys where state.unsettled[key] == reply { state.unsettled[key] = nil }
+        }
+        wakeCreditWaiters()
     }
 
     /// Waits until consumer `index` may pull again (something was settled), or 200 ms at most.
@@ -265,13 +271,18 @@ final class NATSSettler: DeliverySettler {
         self.deadline = deadline
     }
 
-    func settle(_ delivery: Delivery, _ settlement: Settlement) async throws {
+    /// Takes the right to settle this delivery once; throws `staleAck` if it was settled or superseded.
+    func claim() throws(TransportError) {
         guard !settled.exchange(true, ordering: .relaxed) else {
             throw TransportError(.staleAck, "this delivery was already settled")
         }
         guard member.isCurrent(key: key, attempt: attempt), ContinuousClock.now < deadline else {
             throw TransportError(.staleAck, "attempt \(attempt) was superseded (ack wait passed or redelivered)")
         }
+    }
+
+    func settle(_ delivery: Delivery, _ settlement: Settlement) async throws {
+        try claim()
         do {
             switch settlement {
             case .ack:

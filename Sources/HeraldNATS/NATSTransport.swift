@@ -222,6 +222,48 @@ public final class NATSTransport: EventTransport {
 
     // MARK: Subscribing
 
+    /// Acks go together: each member's acknowledgements in one write, confirmed by the server together (one round
+    /// trip per member instead of one per delivery). Other settlements go one by one.
+    public func settle(_ deliveries: [Delivery], _ settlement: Settlement) async throws -> [Bool] {
+        var stale = [Bool](repeating: false, count: deliveries.count)
+        guard case .ack = settlement else {
+            for (index, delivery) in deliveries.enumerated() {
+                do {
+                    try await delivery.settler.settle(delivery, settlement)
+                } catch let error as TransportError where error.code == .staleAck {
+                    stale[index] = true
+                }
+            }
+            return stale
+        }
+        var byMember: [ObjectIdentifier: (member: NATSGroupMember, replies: [String])] = [:]
+        for (index, delivery) in deliveries.enumerated() {
+            guard let settler = delivery.settler as? NATSSettler else {
+                do {
+                    try await delivery.settler.settle(delivery, .ack)
+                } catch let error as TransportError where error.code == .staleAck {
+                    stale[index] = true
+                }
+                continue
+            }
+            do {
+                try settler.claim()
+                byMember[ObjectIdentifier(settler.member), default: (settler.member, [])].replies.append(settler.reply)
+            } catch {
+                stale[index] = true
+            }
+        }
+        do {
+            for (member, replies) in byMember.values {
+                member.forget(replies)
+                try await jetStream.acknowledge(replies, .ack)
+            }
+        } catch let error as NATSError {
+            throw TransportError(error.code == .closed ? .shutDown : .unavailable, "settling: \(error)")
+        }
+        return stale
+    }
+
     /// Herald's redelivery after an ack timeout — the ack wait, then the backoff delay of that attempt — as
     /// JetStream's per-delivery `backoff` list (the time delivery N may stay unacknowledged; the last repeats).
     static func redeliveryWaits(_ options: SubscribeOptions) -> [Duration] {
