@@ -31,17 +31,40 @@ public enum SagaTransition<State: Sendable>: Sendable {
 }
 
 /// Publishes from a saga: events carry the saga's correlation id and, when triggered by one, its causation.
+///
+/// Their ids are derived from the transition — saga, instance, the version being written, what triggered it (the
+/// event's source and id, or the timeout's deadline), the publish's index — so a transition run again because its
+/// save failed publishes the same ids, and transports and consumers that deduplicate by (source, id) see a repeat,
+/// not a second event; two different triggers never share ids.
 public struct SagaContext: Sendable {
     public let correlationID: String
     public let trigger: CloudEvent?
     public let bus: EventBus
     /// The `source` of the events the saga publishes.
     public let source: String
+    /// What makes this transition's event ids (saga, instance, version written, trigger); nil for random ids.
+    let transition: String?
+    private let published = PublishCounter()
+
+    public init(correlationID: String, trigger: CloudEvent?, bus: EventBus, source: String) {
+        self.init(correlationID: correlationID, trigger: trigger, bus: bus, source: source, transition: nil)
+    }
+
+    init(correlationID: String, trigger: CloudEvent?, bus: EventBus, source: String, transition: String?) {
+        self.correlationID = correlationID
+        self.trigger = trigger
+        self.bus = bus
+        self.source = source
+        self.transition = transition
+    }
 
     public func publish<E: Event>(_ event: E, _ attributes: EventAttributes = EventAttributes()) async throws {
         var attributes = attributes
         attributes.correlationID = correlationID
         attributes.causationID = attributes.causationID ?? trigger?.id.description
+        if attributes.id == nil, let transition {
+            attributes.id = EventID.derived(from: transition + "\u{0}" + String(published.next()))
+        }
         var envelope = CloudEvent(event, source: source, attributes: attributes)
         // The trace goes on, as for a handler's response (EventContext.response).
         if let current = ServiceContext.current {
@@ -52,6 +75,33 @@ public struct SagaContext: Sendable {
             envelope.tracestate = trigger?.tracestate
         }
         try await bus.publish(envelope)
+    }
+}
+
+/// Counts a transition's publishes (their index goes into their ids).
+final class PublishCounter: Sendable {
+    private let count = Mutex(0)
+    func next() -> Int {
+        count.withLock { value in
+            defer { value += 1 }
+            return value
+        }
+    }
+}
+
+extension EventID {
+    /// A UUID (version 8, name-based) from `name`: the same name always gives the same id.
+    static func derived(from name: String) -> EventID {
+        var high = PartitionHash.fnv1a(name)
+        var low = PartitionHash.fnv1a(name + "\u{1}")
+        // Mix, so that close names spread over all bits.
+        high ^= high >> 33
+        high = high &* 0xff51_afd7_ed55_8ccd
+        low ^= low >> 29
+        low = low &* 0xc4ce_b9fe_1a85_ec53
+        high = (high & ~0xF000) | 0x8000  // version 8
+        low = (low & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000  // RFC 4122 variant
+        return EventID(UUIDv7.format(high, low))
     }
 }
 
@@ -178,9 +228,11 @@ public final class SagaManager<S: Saga>: Service {
     public func handle(_ event: CloudEvent) async throws {
         let correlation = event.correlationid ?? event.id.description
         let decoded = try bus.registry.decode(event)
-        let context = SagaContext(correlationID: correlation, trigger: event, bus: bus, source: source)
-        try await transition(id: correlation) { state in
-            try await self.saga.handle(decoded, state: state, context: context)
+        try await transition(id: correlation) { state, version in
+            let context = SagaContext(
+                correlationID: correlation, trigger: event, bus: self.bus, source: self.source,
+                transition: "\(S.name)\u{0}\(correlation)\u{0}\(version)\u{0}\(event.source)\u{0}\(event.id)")
+            return try await self.saga.handle(decoded, state: state, context: context)
         }
     }
 
@@ -189,10 +241,14 @@ public final class SagaManager<S: Saga>: Service {
     public func fireTimeouts(at time: Timestamp = .now()) async throws -> Int {
         let due = try await store.expired(saga: S.name, at: time, limit: 1000)
         for record in due {
-            let context = SagaContext(correlationID: record.id, trigger: nil, bus: bus, source: source)
-            try await transition(id: record.id) { state in
+            try await transition(id: record.id) { state, version in
                 // Fire only if still due: another instance may have moved it on meanwhile.
                 guard let state else { return .ignore }
+                let context = SagaContext(
+                    correlationID: record.id, trigger: nil, bus: self.bus, source: self.source,
+                    transition:
+                        "\(S.name)\u{0}\(record.id)\u{0}\(version)\u{0}timeout \(record.deadline?.nanosecondsSinceEpoch ?? 0)"
+                )
                 return try await self.saga.timedOut(state: state, context: context)
             } guardRecord: { current in
                 current?.deadline.map { $0 <= time } ?? false
@@ -203,14 +259,15 @@ public final class SagaManager<S: Saga>: Service {
 
     private func transition(
         id: String,
-        _ step: (S.State?) async throws -> SagaTransition<S.State>,
+        _ step: (S.State?, Int) async throws -> SagaTransition<S.State>,
         guardRecord: (SagaRecord?) -> Bool = { _ in true }
     ) async throws {
         for _ in 0..<64 {
             let record = try await store.load(saga: S.name, id: id)
             if record?.finished == true || !guardRecord(record) { return }
             let state = try record.map { try JSONDecoder().decode(S.State.self, from: Data($0.state)) }
-            let next = try await step(state)
+            // The version this transition writes names the events it publishes.
+            let next = try await step(state, (record?.version ?? 0) + 1)
             let newState: S.State
             let deadline: Timestamp?
             let finished: Bool
