@@ -128,9 +128,11 @@ public final class OutboxRelay: Service, Sendable {
     }
 
     private func rounds(on connection: PostgresConnection) async throws {
-        // Presence: a session lock per relay, so relays can count each other (gone with the connection).
+        // Presence: a session lock per relay, so relays can count each other (gone with the connection). It is the
+        // one-bigint form — (outbox oid << 32) | backend pid — which pg_locks tells apart (objsubid 1) from the
+        // two-int4 slot and aggregate locks (objsubid 2).
         try await connection.query(
-            "SELECT pg_advisory_lock(\(unescaped: Outbox.lockNamespace), \(Self.presenceKeys) + pg_backend_pid())",
+            "SELECT pg_advisory_lock(((\(unescaped: Outbox.lockNamespace))::int8 << 32) | pg_backend_pid())",
             logger: logger)
         var held: [Int32] = []
         var lastCleanup = ContinuousClock.now
@@ -153,8 +155,6 @@ public final class OutboxRelay: Service, Sendable {
         throw CancellationError()
     }
 
-    /// Second keys from here up are relays' presence locks (slots are 0..<Outbox.slots).
-    static let presenceKeys: Int32 = 1_000_000
     /// How often a relay counts the relays and takes or gives back slots.
     static let balanceInterval: Duration = .milliseconds(500)
 
@@ -165,8 +165,8 @@ public final class OutboxRelay: Service, Sendable {
         let counted = try await connection.query(
             """
             SELECT count(*) FROM pg_locks
-            WHERE locktype = 'advisory' AND granted AND objsubid = 2
-            AND classid::int8 = (\(unescaped: Outbox.lockNamespace))::int8 AND objid::int8 >= \(Int64(Self.presenceKeys))
+            WHERE locktype = 'advisory' AND granted AND objsubid = 1
+            AND classid::int8 = (\(unescaped: Outbox.lockNamespace))::int8
             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
             """, logger: logger)
         var relays = 1

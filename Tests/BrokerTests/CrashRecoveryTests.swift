@@ -10,44 +10,26 @@ import Testing
 #endif
 
 /// A `herald serve` child process on a fixed port and data directory, killed with SIGKILL and started again.
-final class BrokerProcess: @unchecked Sendable {
-    // Only the test's task touches `process`.
+final class BrokerProcess: Sendable {
     let directory: String
     let port: Int
-    var process: Process?
+    private let child: ChildProcess
 
     init(directory: String, port: Int) {
         self.directory = directory
         self.port = port
+        child = ChildProcess(
+            executable: ChildProcess.heraldExecutable,
+            arguments: [
+                "serve", "--data-dir", directory, "--tcp", "127.0.0.1:\(port)", "--http", "off", "--log-level", "error",
+            ])
     }
 
-    static var executable: String {
-        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("herald").path
-    }
+    static var executable: String { ChildProcess.heraldExecutable }
 
-    func start() throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: BrokerProcess.executable)
-        process.arguments = [
-            "serve", "--data-dir", directory, "--tcp", "127.0.0.1:\(port)", "--http", "off", "--log-level", "error",
-        ]
-        try process.run()
-        self.process = process
-    }
-
-    func kill9() {
-        guard let process else { return }
-        kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
-        self.process = nil
-    }
-
-    func stop() {
-        guard let process else { return }
-        process.terminate()
-        process.waitUntilExit()
-        self.process = nil
-    }
+    func start() throws { try child.start() }
+    func kill9() { child.kill9() }
+    func stop() { child.stop() }
 
     static func freePort() -> Int { freeLoopbackPort() }
 }

@@ -79,7 +79,7 @@ struct OutboxTests {
                         try await Outbox.append([early], to: "accounts", on: connection)  // takes the lower id
                         earlyAppended.continuation.yield()
                         // Held open until the later transaction has committed and been published.
-                        while !(await eventually(timeout: .seconds(1)) { transport.published.count == 1 }) {}
+                        #expect(await eventually { transport.published.count == 1 })
                     }
                 }
                 var iterator = earlyAppended.stream.makeAsyncIterator()

@@ -8,10 +8,6 @@ import Logging
 import PostgresNIO
 import Testing
 
-#if canImport(Glibc)
-    import Glibc
-#endif
-
 /// `herald relay` as a process of its own, killed with SIGKILL again and again while writers commit (and roll back)
 /// transactions, publishing to a real broker over TCP. Afterwards the broker's topic holds every committed event
 /// exactly once (the relay republishes what it had not marked; the broker drops the repeats by (source, id)), none
@@ -21,8 +17,7 @@ struct RelayProcessTests {
     struct Rollback: Error {}
 
     @Test func aRelayProcessKilledRepeatedlyLosesNothingCommitted() async throws {
-        let executable = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-            .appendingPathComponent("herald").path
+        let executable = ChildProcess.heraldExecutable
         #expect(
             FileManager.default.isExecutableFile(atPath: executable),
             "the herald executable is built next to the tests (swift build --build-tests)")
@@ -45,7 +40,12 @@ struct RelayProcessTests {
             for account in accounts { try await client.query("INSERT INTO accounts VALUES (\(account), 0)") }
             let committed = Shared<[EventID: Deposited]>([:])
             let rolledBack = Shared<Set<EventID>>([])
-            let relay = RelayProcess(executable: executable, postgres: url.description, broker: port)
+            let relay = ChildProcess(
+                executable: executable,
+                arguments: [
+                    "relay", "--postgres", url.description, "--broker", "127.0.0.1:\(port)", "--poll-ms", "10",
+                    "--log-level", "error",
+                ], quiet: true)
             try relay.start()
             var kills = 0
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -108,9 +108,11 @@ struct RelayProcessTests {
                 }
                 return received
             }
+            // A delivery stream ends when its transport shuts down: that, not cancellation, stops a reader waiting
+            // for events that never come.
             let timeout = Task {
                 try await Task.sleep(for: .seconds(30))
-                reader.cancel()
+                await broker.shutdown()
             }
             received = (try? await reader.value) ?? []
             timeout.cancel()
@@ -140,44 +142,5 @@ struct RelayProcessTests {
                 "relay process test: \(expected.count) committed events, \(forbidden.count) rolled back, \(kills) "
                     + "SIGKILLs; \(stored) events in the topic")
         }
-    }
-}
-
-/// `herald relay` as a child process.
-final class RelayProcess: @unchecked Sendable {
-    // Only the test's task touches `process`.
-    let arguments: [String]
-    let executable: String
-    var process: Process?
-
-    init(executable: String, postgres: String, broker: Int) {
-        self.executable = executable
-        arguments = [
-            "relay", "--postgres", postgres, "--broker", "127.0.0.1:\(broker)", "--poll-ms", "10", "--log-level",
-            "error",
-        ]
-    }
-
-    func start() throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        self.process = process
-    }
-
-    func kill9() {
-        guard let process else { return }
-        kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
-        self.process = nil
-    }
-
-    func stop() {
-        guard let process else { return }
-        process.terminate()
-        process.waitUntilExit()
-        self.process = nil
     }
 }
