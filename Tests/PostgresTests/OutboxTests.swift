@@ -178,6 +178,35 @@ struct OutboxAggregateLockTests {
 
 @Suite("PostgreSQL outbox: relays share the slots", .timeLimit(.minutes(3)))
 struct OutboxRelayBalanceTests {
+    /// A writer's open transaction holds aggregate locks in the same lock space; a lone relay still counts one relay
+    /// and takes every slot.
+    @Test func aWritersAggregateLocksAreNotCountedAsRelays() async throws {
+        try await withTestDatabase { client, url in
+            let transport = RecordingTransport()
+            let open = CloudEvent(Deposited(account: "held-open", sequence: 1), source: "test")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                let appended = AsyncStream<Void>.makeStream()
+                let release = AsyncStream<Void>.makeStream()
+                group.addTask {
+                    try await client.withTransaction(logger: quiet) { connection in
+                        try await Outbox.append([open], to: "accounts", on: connection)
+                        appended.continuation.yield()
+                        var waiting = release.stream.makeAsyncIterator()
+                        await waiting.next()
+                    }
+                }
+                var iterator = appended.stream.makeAsyncIterator()
+                await iterator.next()
+                let relay = try startRelay(url, transport)
+                #expect(await eventually { relay.relay.stats.slots == Outbox.slots }, "\(relay.relay.stats.slots)")
+                release.continuation.yield()
+                try await group.waitForAll()
+                #expect(await eventually { transport.published.count == 1 })
+                relay.task.cancel()
+            }
+        }
+    }
+
     /// Two relays split the 16 slots (8 each); a third makes it 6/6/4 at most; when relays stop, the survivors
     /// take their slots over.
     @Test func relaysShareTheSlotsAndTheSurvivorTakesThemAll() async throws {
