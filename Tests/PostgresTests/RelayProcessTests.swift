@@ -108,8 +108,7 @@ struct RelayProcessTests {
                 }
                 return received
             }
-            // A delivery stream ends when its transport shuts down: that, not cancellation, stops a reader waiting
-            // for events that never come.
+            // Events that never come end the read after 30 s: the transport shuts down, which ends its streams.
             let timeout = Task {
                 try await Task.sleep(for: .seconds(30))
                 await broker.shutdown()
