@@ -166,7 +166,7 @@ public final class OutboxRelay: Service, Sendable {
             """
             SELECT count(*) FROM pg_locks
             WHERE locktype = 'advisory' AND granted AND objsubid = 1
-            AND classid::int8 = (\(unescaped: Outbox.lockNamespace))::int8
+            AND classid = (\(unescaped: Outbox.lockNamespace))::oid
             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
             """, logger: logger)
         var relays = 1
