@@ -10,6 +10,12 @@ struct BenchCommand: AsyncParsableCommand {
     )
 }
 
+/// The middle value of a bench's rounds (0 for none).
+func median(_ values: [Double]) -> Double {
+    let sorted = values.sorted()
+    return sorted.isEmpty ? 0 : sorted[sorted.count / 2]
+}
+
 struct BenchEvent: Event {
     static let eventType = "com.herald.bench.event"
     var number: Int

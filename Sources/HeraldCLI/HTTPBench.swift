@@ -118,11 +118,6 @@ struct HTTPBench: AsyncParsableCommand {
         broker.close()
     }
 
-    func median(_ values: [Double]) -> Double {
-        let sorted = values.sorted()
-        return sorted.isEmpty ? 0 : sorted[sorted.count / 2]
-    }
-
     /// Requests per second with `connections` concurrent loops for `seconds`.
     func requests(
         _ client: HTTPClient, _ url: String, headers: [(name: String, value: String)],

@@ -163,11 +163,6 @@ struct OutboxBench: AsyncParsableCommand {
                 + "p99 \(format(percentile(0.99), 2)) ms, max \(format(percentile(1), 2)) ms "
                 + "(\(latencies.count) of \(total))")
     }
-
-    private func median(_ values: [Double]) -> Double {
-        let sorted = values.sorted()
-        return sorted.isEmpty ? 0 : sorted[sorted.count / 2]
-    }
 }
 
 /// A transport that acknowledges at once, and measures the time from a commit to the event's publication for the

@@ -25,10 +25,15 @@ struct RelayCommand: AsyncParsableCommand {
     @Option(help: "Milliseconds between polls when no commit is notified.") var pollMs = 25
     @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel = "notice"
 
+    /// --postgres, else HERALD_POSTGRES_URL.
+    var url: PostgresURL? {
+        (postgres ?? ProcessInfo.processInfo.environment["HERALD_POSTGRES_URL"]).flatMap(PostgresURL.init)
+    }
+
     func validate() throws {
-        guard let text = postgres ?? ProcessInfo.processInfo.environment["HERALD_POSTGRES_URL"],
-            PostgresURL(text) != nil
-        else { throw ValidationError("--postgres must be a URL such as postgres://user@127.0.0.1:5432/db") }
+        guard url != nil else {
+            throw ValidationError("--postgres must be a URL such as postgres://user@127.0.0.1:5432/db")
+        }
         if let nats, NATSTransport.Configuration(url: nats) == nil {
             throw ValidationError("--nats must be a URL such as nats://127.0.0.1:4222")
         }
@@ -38,7 +43,7 @@ struct RelayCommand: AsyncParsableCommand {
     func run() async throws {
         var logger = Logger(label: "herald.relay")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .notice
-        let url = PostgresURL(postgres ?? ProcessInfo.processInfo.environment["HERALD_POSTGRES_URL"] ?? "")!
+        guard let url = self.url else { throw ValidationError("--postgres is needed") }
         let transport: any EventTransport =
             if let nats, let configuration = NATSTransport.Configuration(url: nats) {
                 NATSTransport(configuration: configuration, logger: logger)

@@ -1,3 +1,4 @@
+import Herald
 import NIOSSL
 import PostgresNIO
 
@@ -35,10 +36,14 @@ public struct PostgresURL: Sendable, Hashable, CustomStringConvertible {
         let credentials = rest[..<at]
         let address = rest[rest.index(after: at)...]
         if let colon = credentials.firstIndex(of: ":") {
-            username = Self.percentDecoded(credentials[..<colon])
-            password = Self.percentDecoded(credentials[credentials.index(after: colon)...])
+            guard let user = Self.percentDecoded(credentials[..<colon]),
+                let secret = Self.percentDecoded(credentials[credentials.index(after: colon)...])
+            else { return nil }
+            username = user
+            password = secret
         } else {
-            username = Self.percentDecoded(credentials)
+            guard let user = Self.percentDecoded(credentials) else { return nil }
+            username = user
             password = nil
         }
         guard !username.isEmpty else { return nil }
@@ -57,7 +62,12 @@ public struct PostgresURL: Sendable, Hashable, CustomStringConvertible {
             port = 5432
         }
         guard !host.isEmpty, (1...65535).contains(port) else { return nil }
-        database = path.isEmpty ? nil : Self.percentDecoded(path)
+        if path.isEmpty {
+            database = nil
+        } else {
+            guard let name = Self.percentDecoded(path) else { return nil }
+            database = name
+        }
         tlsMode = .disable
         for pair in query.split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1)
@@ -99,23 +109,8 @@ public struct PostgresURL: Sendable, Hashable, CustomStringConvertible {
             host: host, port: port, username: username, password: password, database: database, tls: tls)
     }
 
-    private static func percentDecoded(_ text: Substring) -> String {
-        var bytes: [UInt8] = []
-        var index = text.utf8.startIndex
-        let utf8 = text.utf8
-        while index < utf8.endIndex {
-            let byte = utf8[index]
-            if byte == UInt8(ascii: "%"), let high = utf8.index(index, offsetBy: 1, limitedBy: utf8.endIndex),
-                let low = utf8.index(index, offsetBy: 2, limitedBy: utf8.endIndex), low < utf8.endIndex,
-                let value = UInt8(String(decoding: [utf8[high], utf8[low]], as: UTF8.self), radix: 16)
-            {
-                bytes.append(value)
-                index = utf8.index(index, offsetBy: 3)
-            } else {
-                bytes.append(byte)
-                index = utf8.index(after: index)
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
+    /// Percent-escapes decoded (one decoder in Herald, the CloudEvents binding's); nil for a broken escape.
+    private static func percentDecoded(_ text: Substring) -> String? {
+        try? CloudEventHTTPBinding.percentDecode(String(text), attribute: "url")
     }
 }
